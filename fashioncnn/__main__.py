@@ -1,0 +1,3 @@
+from fashioncnn.cli import main
+
+main()

@@ -1,0 +1,115 @@
+"""The config schema: what a run can be told, with types (checked by OmegaConf) and ranges (checked here).
+
+The dataclasses are registered in Hydra's ConfigStore as "base"; conf/config.yaml builds on it and the
+config groups in conf/ fill in `model` and `optim`. Every bad value must be caught by `validate` (or by
+OmegaConf's type check) before any training starts, with one line naming the key, the value and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+TRAIN_SET_SIZE = 60_000
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message is one line meant for the user."""
+
+
+class Device(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Optimizer(Enum):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Precision(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+@dataclass
+class ModelConfig:
+    conv: int = 2  # convolutional blocks
+    lin: int = 2  # linear layers, the last one maps to the 10 classes
+    filter_in: int = 32  # output channels of the first conv
+    filter_out: int = 32  # output channels of every later conv
+    kernel_size: int = 3
+
+
+@dataclass
+class OptimConfig:
+    name: Optimizer = Optimizer.adam
+    lr: float = 0.001
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 5
+    batch_size: int = 64
+    seed: int = 0
+    device: Device = Device.auto
+    subset: Optional[int] = None  # training images to use; None means all 60,000
+    data_dir: str = "data"  # searched first; torchvision downloads here when the machine can
+    experiment: str = "fashioncnn"  # MLflow experiment name
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else the local store in ./mlruns
+    # Speed options (see README, "Speed"); the defaults are what measured fastest on CPU.
+    precision: Precision = Precision.fp32
+    channels_last: bool = False
+    compile: bool = False
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default (all cores)
+    eval_batch_size: int = 1000
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="base", node=Config)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and value >= 1
+
+
+# key -> (check, what is allowed). Types are already enforced by OmegaConf when the config is composed.
+_RULES: dict[str, tuple[Any, str]] = {
+    "epochs": (_positive_int, "an integer >= 1"),
+    "batch_size": (_positive_int, "an integer >= 1"),
+    "eval_batch_size": (_positive_int, "an integer >= 1"),
+    "seed": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "subset": (
+        lambda v: v is None or (isinstance(v, int) and 1 <= v <= TRAIN_SET_SIZE),
+        f"null (all images) or an integer from 1 to {TRAIN_SET_SIZE}",
+    ),
+    "threads": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: torch's default)"),
+    "experiment": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty name"),
+    "optim.lr": (lambda v: isinstance(v, float) and math.isfinite(v) and v > 0, "a number > 0"),
+    "model.conv": (_positive_int, "an integer >= 1 (the study uses 1, 2 or 3)"),
+    "model.lin": (_positive_int, "an integer >= 1 (the study uses 2, 3 or 4)"),
+    "model.filter_in": (_positive_int, "an integer >= 1"),
+    "model.filter_out": (_positive_int, "an integer >= 1"),
+    "model.kernel_size": (lambda v: isinstance(v, int) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first out-of-range value, then for a model that cannot be built."""
+    from fashioncnn.model import ModelSpec  # the model module owns the feature-map arithmetic
+
+    for key, (check, allowed) in _RULES.items():
+        value = OmegaConf.select(cfg, key)
+        if not check(value):
+            raise ConfigError(f"{key}={value}: not allowed, must be {allowed}")
+    ModelSpec.from_config(cfg.model).check_feasible()

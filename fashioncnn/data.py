@@ -1,0 +1,159 @@
+"""Fashion-MNIST, held whole in memory as normalised tensors.
+
+The four original IDX files (torchvision's FashionMNIST raw format, gzipped or not) are looked for in
+the configured directory (also in its FashionMNIST/raw/, where torchvision puts them), then in Debian's
+dataset-fashion-mnist package, then fetched by torchvision's own download. Reading them once into
+tensors and batching by index is what keeps per-sample PIL transforms out of the training loop.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+TRAIN_COUNT, TEST_COUNT = 60_000, 10_000
+# Mean and standard deviation of the 60,000 training images, scaled to [0, 1].
+MEAN, STD = 0.2860, 0.3530
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+HOW_TO_GET_DATA = (
+    "Fashion-MNIST not found. Get it one of these ways: "
+    "(1) on Debian/Ubuntu: apt-get install dataset-fashion-mnist (puts it in {debian}); "
+    "(2) copy the four files {names} (.gz or not) into {data_dir}; "
+    "(3) on a machine with internet, run again: torchvision downloads it into {data_dir} "
+    "(tried and failed: {download_error})"
+)
+
+
+class DataNotFoundError(RuntimeError):
+    pass
+
+
+@dataclass
+class FashionMNIST:
+    train_images: torch.Tensor  # float32, N x 1 x 28 x 28, normalised
+    train_labels: torch.Tensor  # int64, N
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    source: Path
+
+    def to(self, device: torch.device) -> FashionMNIST:
+        return FashionMNIST(
+            self.train_images.to(device),
+            self.train_labels.to(device),
+            self.test_images.to(device),
+            self.test_labels.to(device),
+            self.source,
+        )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (http://yann.lecun.com/exdb/mnist/ format), gzipped or not."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
+    dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - offset != expected:
+        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but {len(raw) - offset} bytes follow")
+    return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(shape)
+
+
+def _find_file(directory: Path, stem: str) -> Path | None:
+    for folder in (directory, directory / "FashionMNIST" / "raw"):
+        for name in (stem + ".gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _find_files(directory: Path) -> dict[str, Path] | None:
+    found = {key: _find_file(directory, stem) for key, stem in FILES.items()}
+    return found if all(found.values()) else None  # type: ignore[return-value]
+
+
+def locate(data_dir: str | Path, download: bool = True) -> dict[str, Path]:
+    """Paths of the four IDX files: configured directory, Debian's package, then torchvision's download."""
+    data_dir = Path(data_dir)
+    for directory in (data_dir, DEBIAN_DIR):
+        found = _find_files(directory)
+        if found:
+            return found
+    download_error = "download not attempted"
+    if download:
+        try:
+            from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
+
+            log.info("Fashion-MNIST not found locally; downloading with torchvision into %s", data_dir)
+            TorchvisionFashionMNIST(str(data_dir), train=True, download=True)
+            TorchvisionFashionMNIST(str(data_dir), train=False, download=True)
+            found = _find_files(data_dir)
+            if found:
+                return found
+        except Exception as error:  # torchvision raises RuntimeError/URLError/OSError depending on the failure
+            download_error = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+    raise DataNotFoundError(
+        HOW_TO_GET_DATA.format(
+            debian=DEBIAN_DIR,
+            names=", ".join(FILES.values()),
+            data_dir=data_dir.resolve(),
+            download_error=download_error,
+        )
+    )
+
+
+def _check(images: np.ndarray, labels: np.ndarray, count: int, split: str, source: Path) -> None:
+    if images.shape != (count, 28, 28) or images.dtype != np.uint8:
+        raise ValueError(f"{source}: {split} images have shape {images.shape} ({images.dtype}), expected ({count}, 28, 28) uint8")
+    if labels.shape != (count,):
+        raise ValueError(f"{source}: {split} labels have shape {labels.shape}, expected ({count},)")
+    if labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{source}: {split} labels range {labels.min()}..{labels.max()}, expected 0..9")
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    # Normalised once here, so the training loop only indexes.
+    scaled = torch.from_numpy(images.astype(np.float32)).div_(255.0)
+    return scaled.sub_(MEAN).div_(STD).unsqueeze(1)
+
+
+def load(
+    data_dir: str | Path,
+    subset: int | None = None,
+    download: bool = True,
+    expected_counts: tuple[int, int] = (TRAIN_COUNT, TEST_COUNT),
+) -> FashionMNIST:
+    """Load and verify Fashion-MNIST; `subset` keeps the first N training images (the test set stays whole)."""
+    paths = locate(data_dir, download=download)
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    source = paths["train_images"].parent
+    _check(arrays["train_images"], arrays["train_labels"], expected_counts[0], "train", source)
+    _check(arrays["test_images"], arrays["test_labels"], expected_counts[1], "test", source)
+    train_images, train_labels = arrays["train_images"], arrays["train_labels"]
+    if subset is not None:
+        train_images, train_labels = train_images[:subset], train_labels[:subset]
+    return FashionMNIST(
+        train_images=_to_tensor(train_images),
+        train_labels=torch.from_numpy(train_labels.astype(np.int64)),
+        test_images=_to_tensor(arrays["test_images"]),
+        test_labels=torch.from_numpy(arrays["test_labels"].astype(np.int64)),
+        source=source,
+    )

@@ -1,0 +1,145 @@
+"""Everything MLflow: where runs go, and what each run records.
+
+Default store: sqlite at ./mlruns/mlflow.db with artifacts in ./mlruns/artifacts. MLflow 3 refuses a
+plain file store without MLFLOW_ALLOW_FILE_STORE, and sqlite is what the MLflow UI and server read
+fastest. Two processes creating a fresh sqlite store at the same moment crash on table creation, so
+`prepare_store` runs once in the launching process (a Hydra callback) before any job starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import mlflow
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from fashioncnn.train import EpochMetrics, TrainResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE_DIR = Path("mlruns")
+SWEEP_ID_ENV = "FASHIONCNN_SWEEP_ID"
+_PASSWORD_IN_URI = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@")
+
+
+def mask_secrets(text: str) -> str:
+    """Replace the password of any user:password@ in URIs, so it never reaches logs, params or tags."""
+    return _PASSWORD_IN_URI.sub(r"\1:***@", text)
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{(DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def resolve_tracking_uri(cfg: DictConfig) -> str:
+    """The config key wins, then $MLFLOW_TRACKING_URI, then the local store in ./mlruns."""
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def prepare_store(tracking_uri: str, experiment: str) -> str:
+    """Create the store's tables and the experiment if they are missing; return the experiment id."""
+    if tracking_uri == default_tracking_uri():
+        DEFAULT_STORE_DIR.mkdir(exist_ok=True)
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    artifact_location = None
+    if tracking_uri == default_tracking_uri():
+        artifact_location = (DEFAULT_STORE_DIR / "artifacts").resolve().as_uri()
+    try:
+        return client.create_experiment(experiment, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our look-up and create; use theirs.
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+class PrepareStore(Callback):
+    """Runs in the launching process, before any job: creates the store, and gives a sweep its id."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        prepare_store(resolve_tracking_uri(config), config.experiment)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Jobs started by other launchers (joblib, submitit) inherit the environment.
+        os.environ.setdefault(SWEEP_ID_ENV, uuid.uuid4().hex[:12])
+        prepare_store(resolve_tracking_uri(config), config.experiment)
+
+
+def flatten(node: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def run_tags(model_name: str) -> dict[str, str]:
+    """Overrides, the chosen option of each config group, the model and sweep: what the UI filters on."""
+    tags = {"model_name": model_name, "mlflow.runName": model_name}
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        tags["hydra.overrides"] = " ".join(hydra_cfg.overrides.task) or "(defaults)"
+        tags["hydra.mode"] = str(hydra_cfg.mode.name).lower()
+        for group, option in hydra_cfg.runtime.choices.items():
+            if not group.startswith("hydra") and option is not None:
+                tags[f"group.{group}"] = str(option)
+        if hydra_cfg.mode.name == "MULTIRUN":
+            tags["hydra.job.num"] = str(hydra_cfg.job.num)
+    if os.environ.get(SWEEP_ID_ENV):
+        tags["sweep_id"] = os.environ[SWEEP_ID_ENV]
+    return {key: mask_secrets(value) for key, value in tags.items()}
+
+
+def start_run(cfg: DictConfig, model_name: str) -> mlflow.ActiveRun:
+    tracking_uri = resolve_tracking_uri(cfg)
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = prepare_store(tracking_uri, cfg.experiment)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=model_name, tags=run_tags(model_name))
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    mlflow.log_params({key: mask_secrets(str(value)) for key, value in flatten(resolved)})
+    mlflow.log_text(mask_secrets(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
+    return run
+
+
+def record_failure(error: BaseException) -> None:
+    """The error message as a tag and the traceback as an artifact of the active run."""
+    message = mask_secrets(f"{type(error).__name__}: {error}")
+    mlflow.set_tag("error", message[:5000])
+    mlflow.log_text(mask_secrets("".join(traceback.format_exception(error))), "error.txt")
+
+
+def log_epoch(metrics: EpochMetrics) -> None:
+    mlflow.log_metrics(
+        {
+            "train_loss": metrics.train_loss,
+            "train_acc": metrics.train_acc,
+            "test_loss": metrics.test_loss,
+            "test_acc": metrics.test_acc,
+            "epoch_seconds": metrics.epoch_seconds,
+        },
+        step=metrics.epoch,
+    )
+
+
+def log_summary(result: TrainResult, param_count: int) -> None:
+    mlflow.log_metrics(
+        {
+            "max_test_acc": result.max_test_acc,
+            "mean_test_acc": result.mean_test_acc,
+            "train_seconds": result.train_seconds,
+            "param_count": float(param_count),
+        }
+    )

@@ -1,0 +1,97 @@
+"""Composition of the config groups, the numeric command line, and one-line errors for every bad value."""
+
+import pytest
+
+from fashioncnn.cli import config_groups, preflight, quote_numeric_group_options
+from fashioncnn.config import ConfigError, register_schema
+
+from conftest import run_cli
+
+register_schema()
+
+
+def test_study_groups_are_real_config_groups():
+    assert {"conv", "lin", "channels", "lr"} <= config_groups()
+
+
+def test_numeric_group_options_are_quoted_and_everything_else_left_alone():
+    args = ["-m", "conv=2,3", "lin=4", "channels=16.32,32.64", "lr=0.01,0.001", "epochs=3", "optim.lr=0.1",
+            "conv=glob(*)", "lin='2'", "-cd", "lr=1"]
+    assert quote_numeric_group_options(args, {"conv", "lin", "channels", "lr"}) == [
+        "-m", "conv='2','3'", "lin='4'", "channels='16.32','32.64'", "lr='0.01','0.001'", "epochs=3",
+        "optim.lr=0.1", "conv=glob(*)", "lin='2'", "-cd", "lr=1",
+    ]
+
+
+def compose_one(*args):
+    configs = preflight(quote_numeric_group_options(list(args), config_groups()))
+    assert len(configs) == 1
+    return configs[0]
+
+
+def test_defaults_are_the_studys_best_model():
+    cfg = compose_one()
+    assert (cfg.model.conv, cfg.model.lin, cfg.model.filter_in, cfg.model.filter_out) == (2, 2, 32, 32)
+    assert cfg.optim.lr == 0.001 and cfg.optim.name.value == "adam"
+    assert (cfg.epochs, cfg.batch_size, cfg.subset, cfg.device.value) == (5, 64, None, "auto")
+
+
+def test_groups_compose_from_the_studys_spelling():
+    cfg = compose_one("conv=3", "lin=4", "channels=64.128", "lr=0.005")
+    assert (cfg.model.conv, cfg.model.lin, cfg.model.filter_in, cfg.model.filter_out) == (3, 4, 64, 128)
+    assert cfg.optim.lr == 0.005
+
+
+def test_values_outside_the_groups_are_set_directly():
+    cfg = compose_one("optim.lr=0.0003", "model.filter_in=8", "epochs=2", "subset=500", "device=cpu", "seed=7")
+    assert (cfg.optim.lr, cfg.model.filter_in, cfg.epochs, cfg.subset, cfg.device.value, cfg.seed) == (0.0003, 8, 2, 500, "cpu", 7)
+
+
+def test_a_sweep_expands_to_every_combination():
+    configs = preflight(quote_numeric_group_options(["-m", "conv=2,3", "lin=2,3,4"], config_groups()))
+    assert sorted((c.model.conv, c.model.lin) for c in configs) == [(c, l) for c in (2, 3) for l in (2, 3, 4)]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["lr=abc"], "lr=abc: no option 'abc' in config group 'lr'; available: 0.0005, 0.001, 0.005, 0.01; "
+                     "a value outside the group is set directly, e.g. optim.lr=0.0003"),
+        (["lr=-1"], "lr=-1: no option '-1' in config group 'lr'; available: 0.0005, 0.001, 0.005, 0.01"),
+        (["optim.lr=-1"], "optim.lr=-1.0: not allowed, must be a number > 0"),
+        (["optim.lr=abc"], "optim.lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
+        (["epochs=0"], "epochs=0: not allowed, must be an integer >= 1"),
+        (["epochs=abc"], "epochs=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        (["batch_size=-4"], "batch_size=-4: not allowed, must be an integer >= 1"),
+        (["subset=0"], "subset=0: not allowed, must be null (all images) or an integer from 1 to 60000"),
+        (["subset=70000"], "subset=70000: not allowed, must be null (all images) or an integer from 1 to 60000"),
+        (["device=gpu"], "device=gpu: Invalid value 'gpu', expected one of [auto, cpu, cuda]"),
+        (["optim.name=rmsprop"], "optim.name=rmsprop: Invalid value 'rmsprop', expected one of [adam, adamw, sgd]"),
+        (["foo=1"], "foo=1: unknown key 'foo'; known keys: model.conv, model.lin,"),
+        (["+foo=1"], "foo: unknown key; known keys:"),
+        (["conv=4"], "conv=4: no option '4' in config group 'conv'; available: 1, 2, 3; "
+                     "a value outside the group is set directly, e.g. model.conv=4"),
+        (["channels=32.16"], "channels=32.16: no option '32.16' in config group 'channels'; available: 16.32, 32.32, 32.64, 64.128"),
+        (["model.conv=4"], "M4.2.32.32: conv block 4 gets a 2x2 feature map, too small for a 3x3 kernel"),
+        (["lr=0.01,0.001"], "lr=0.01,0.001: several values sweep only in multirun mode: python -m fashioncnn -m lr=0.01,0.001"),
+        (["-m", "conv=2,3", "lr=0.01,abc"], "lr=abc: no option 'abc' in config group 'lr'"),
+        (["-m", "conv=1,2,3", "model.lin=9"], "M3.9.32.32: linear layer widths"),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_key_value_and_what_is_allowed(args, message):
+    with pytest.raises(ConfigError) as caught:
+        preflight(quote_numeric_group_options(args, config_groups()))
+    text = str(caught.value)
+    assert text.startswith(message)
+    assert "\n" not in text
+
+
+def test_a_bad_sweep_is_refused_before_any_job_trains(tmp_path):
+    # conv=2 and conv=3 would be fine; conv=4 in the same sweep refuses the whole sweep up front.
+    result = run_cli(["-m", "model.conv=2,3,4", "subset=64", "epochs=1"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: M4.2.32.32: conv block 4 gets a 2x2 feature map, too small for a 3x3 kernel; with kernel 3 on "
+        "28x28 images at most 3 conv blocks fit (model.conv=4) (in job model.conv=4 subset=64 epochs=1)"
+    ]
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists()

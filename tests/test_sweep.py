@@ -1,0 +1,95 @@
+"""Real `python -m fashioncnn` invocations in a subprocess, on real Fashion-MNIST subsets, into a real MLflow store."""
+
+import yaml
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fashioncnn.data import DEBIAN_DIR
+
+from conftest import local_store, run_cli, runs_of
+
+pytestmark = pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")
+
+
+def test_multirun_logs_every_combination_with_config_curves_and_tags(tmp_path):
+    result = run_cli(["-m", "conv=2,3", "lin=2,3", "subset=256", "epochs=2", "experiment=sweep-test"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = local_store(tmp_path)
+    runs = runs_of(client, "sweep-test")
+    assert sorted(r.data.tags["model_name"] for r in runs) == ["M2.2.32.32", "M2.3.32.32", "M3.2.32.32", "M3.3.32.32"]
+    assert len({r.data.tags["sweep_id"] for r in runs}) == 1
+    for run in runs:
+        conv, lin = run.data.params["model.conv"], run.data.params["model.lin"]
+        assert run.info.status == "FINISHED"
+        assert run.info.run_name == run.data.tags["model_name"] == f"M{conv}.{lin}.32.32"
+        assert run.data.tags["group.conv"] == conv and run.data.tags["group.lin"] == lin
+        assert run.data.tags["group.channels"] == "32.32" and run.data.tags["group.lr"] == "0.001"
+        assert f"conv='{conv}'" in run.data.tags["hydra.overrides"] and "subset=256" in run.data.tags["hydra.overrides"]
+        # The full resolved config, flattened to dotted keys.
+        assert run.data.params["optim.lr"] == "0.001" and run.data.params["epochs"] == "2"
+        assert run.data.params["subset"] == "256" and run.data.params["optim.name"] == "adam"
+        assert int(run.data.params["param_count"]) == int(run.data.metrics["param_count"]) > 0
+        for metric in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds"):
+            history = client.get_metric_history(run.info.run_id, metric)
+            assert sorted(m.step for m in history) == [1, 2], metric
+        test_acc = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "test_acc"), key=lambda m: m.step)]
+        assert run.data.metrics["max_test_acc"] == pytest.approx(max(test_acc))
+        assert run.data.metrics["mean_test_acc"] == pytest.approx(sum(test_acc) / 2)
+        assert 0.1 < max(test_acc) <= 1
+        epoch_seconds = client.get_metric_history(run.info.run_id, "epoch_seconds")
+        assert run.data.metrics["train_seconds"] == pytest.approx(sum(m.value for m in epoch_seconds))
+        config = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / run.info.run_id))))
+        assert config["model"] == {"conv": int(conv), "lin": int(lin), "filter_in": 32, "filter_out": 32, "kernel_size": 3}
+    assert "M3.3.32.32: max test accuracy" in result.stdout  # progress and results are visible in the terminal
+    assert "epoch 2/2" in result.stdout
+
+
+def test_single_run_and_mlflow_tracking_uri_from_the_environment(tmp_path):
+    other = tmp_path / "elsewhere.db"
+    result = run_cli(["channels=16.32", "lr=0.01", "subset=128", "epochs=1", "experiment=env-store"], cwd=tmp_path,
+                     env={"MLFLOW_TRACKING_URI": f"sqlite:///{other}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # (MLflow still puts artifacts in ./mlruns by default)
+    (run,) = runs_of(MlflowClient(f"sqlite:///{other}"), "env-store")
+    assert run.data.tags["model_name"] == "M2.2.16.32" and run.data.params["optim.lr"] == "0.01"
+    assert "sweep_id" not in run.data.tags
+
+
+def test_tracking_uri_key_wins_and_passwords_never_show(tmp_path):
+    store = tmp_path / "key.db"
+    result = run_cli([f"tracking_uri=sqlite:///{store}", "subset=64", "epochs=1", "experiment=key-store"], cwd=tmp_path,
+                     env={"MLFLOW_TRACKING_URI": "http://alice:hunter2@127.0.0.1:1/"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(MlflowClient(f"sqlite:///{store}"), "key-store")
+    assert run.info.status == "FINISHED"
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_determinism_same_seed_same_metrics(tmp_path):
+    args = ["-m", "seed=3,3", "subset=192", "epochs=2", "model.filter_in=8", "model.filter_out=8", "experiment=determinism"]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = local_store(tmp_path)
+    first, second = runs_of(client, "determinism")
+    for metric in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        history = [[m.value for m in sorted(client.get_metric_history(r.info.run_id, metric), key=lambda m: m.step)] for r in (first, second)]
+        assert history[0] == history[1], metric
+    other = run_cli(["seed=4", "subset=192", "epochs=2", "model.filter_in=8", "model.filter_out=8", "experiment=determinism"], cwd=tmp_path)
+    assert other.returncode == 0
+    third = next(r for r in runs_of(client, "determinism") if r.data.params["seed"] == "4")
+    assert third.data.metrics["max_test_acc"] != first.data.metrics["max_test_acc"] or \
+        third.data.metrics["test_loss"] != first.data.metrics["test_loss"]
+
+
+def test_a_failing_job_is_a_failed_run_with_its_error(tmp_path, tiny_dataset):
+    # The data directory holds a data set with the wrong number of images: the job fails loudly, and MLflow
+    # keeps a FAILED run with the error, not a RUNNING one.
+    result = run_cli([f"data_dir={tiny_dataset}", "subset=10", "epochs=1", "experiment=fails"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "train images have shape (60, 28, 28)" in result.stderr
+    client = local_store(tmp_path)
+    (run,) = runs_of(client, "fails")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("ValueError: ") and "train images have shape (60, 28, 28)" in run.data.tags["error"]
+    traceback_file = client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path))
+    assert "Traceback" in open(traceback_file).read()
