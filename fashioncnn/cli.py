@@ -146,7 +146,7 @@ def check_unknown_keys(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: unknown key; known keys: {', '.join(sorted(known))}")
 
 
-def preflight(args: Sequence[str]) -> list[DictConfig]:
+def preflight(args: Sequence[str]) -> list[tuple[list[str], DictConfig]]:
     """Compose and validate every job of the command line; ConfigError names the first bad one."""
     overrides, multirun = hydra_overrides(args)
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
@@ -163,7 +163,7 @@ def preflight(args: Sequence[str]) -> list[DictConfig]:
             except Exception as error:
                 where = f" (in job {_unquoted(job)})" if multirun and len(jobs) > 1 else ""
                 raise ConfigError(explain(error, job) + where) from error
-            configs.append(cfg)
+            configs.append((job, cfg))
     return configs
 
 
@@ -174,15 +174,64 @@ def run_job(cfg: DictConfig) -> float:
     return train_and_log(cfg)
 
 
+def run_sweep(args: list[str], jobs: list[tuple[list[str], DictConfig]]) -> int:
+    """Run a -m sweep under one parent run; whatever happens, close it with a summary. Returns the exit code."""
+    from fashioncnn import sweep
+
+    planned = sweep.plan(jobs)
+    parent = sweep.ParentRun(planned, [a for a in args if a not in _MULTIRUN_FLAGS])
+    skipped = sum(job.done is not None for job in planned)
+    print(f"sweep {parent.sweep_id}: {len(planned)} jobs, {skipped} already finished"
+          + (" (re-attached to its parent run)" if parent.reattached else ""), flush=True)
+    interrupted = None
+    try:
+        run_job()
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM
+        interrupted = stop
+        parent.kill_unfinished_jobs()
+    except SystemExit:  # Hydra reports a launcher failure itself and exits; the summary still follows
+        pass
+    rows = sweep.summarize(planned, parent.sweep_id)
+    failed = any(row["status"] in sweep.FAILED_STATUSES for row in rows)
+    parent.close(rows, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
+    print(f"\nsweep {parent.sweep_id} (parent run {parent.run_id}):", flush=True)
+    print(sweep.summary_text(rows), flush=True)
+    if interrupted:
+        return _interrupted_exit_code(interrupted)
+    return 1 if failed else 0
+
+
+def _interrupted_exit_code(stop: KeyboardInterrupt) -> int:
+    from fashioncnn.job import Terminated
+
+    print("interrupted: run the same command again to resume where it stopped", file=sys.stderr)
+    return 143 if isinstance(stop, Terminated) else 130
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     register_schema()
-    args = quote_numeric_group_options(args, config_groups())
-    if not any(flag in args for flag in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")):
-        try:
-            preflight(args)
-        except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+    dry_run = "--dry-run" in args
+    args = quote_numeric_group_options([a for a in args if a != "--dry-run"], config_groups())
     sys.argv = [sys.argv[0], *args]
-    run_job()
+    if any(flag in args for flag in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")):
+        run_job()
+        return
+    try:
+        jobs = preflight(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    from fashioncnn.job import handle_sigterm
+    from fashioncnn.sweep import describe_plan, plan
+
+    if dry_run:
+        print(describe_plan(plan(jobs)))
+        return
+    handle_sigterm()
+    if hydra_overrides(args)[1]:
+        sys.exit(run_sweep(args, jobs))
+    try:
+        run_job()
+    except KeyboardInterrupt as stop:
+        sys.exit(_interrupted_exit_code(stop))

@@ -56,6 +56,20 @@ class OptimConfig:
 
 
 @dataclass
+class DivergenceConfig:
+    enabled: bool = True
+    chance_acc: float = 0.15  # training accuracy at or below this counts as chance (10 classes: 0.10)
+    patience: int = 3  # consecutive checks at chance before the run stops
+    check_every: int = 50  # training steps between checks
+    warmup_images: int = 10_000  # no chance-level verdict before the model has seen this many images
+
+
+@dataclass
+class DebugConfig:
+    fail_at_epoch: Optional[int] = None  # raise an error at the start of this epoch (tests failure handling)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -73,6 +87,12 @@ class Config:
     compile: bool = False
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (all cores)
     eval_batch_size: int = 1000
+    # Sweeps that never lose work (see README, "Resume, checkpoints and failures").
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    force: bool = False  # train even when a FINISHED run with the same effective config exists
+    checkpoint_dir: str = "mlruns/checkpoints"  # per-epoch checkpoints of unfinished runs
+    keep_checkpoint: bool = False  # log the final checkpoint as an artifact of its run
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def register_schema() -> None:
@@ -96,6 +116,11 @@ _RULES: dict[str, tuple[Any, str]] = {
     "threads": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: torch's default)"),
     "experiment": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty name"),
     "optim.lr": (lambda v: isinstance(v, float) and math.isfinite(v) and v > 0, "a number > 0"),
+    "divergence.chance_acc": (lambda v: isinstance(v, float) and 0 <= v < 1, "a number from 0 to 1 (exclusive)"),
+    "divergence.patience": (_positive_int, "an integer >= 1"),
+    "divergence.check_every": (_positive_int, "an integer >= 1"),
+    "divergence.warmup_images": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "checkpoint_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a directory path"),
     "model.conv": (_positive_int, "an integer >= 1 (the study uses 1, 2 or 3)"),
     "model.lin": (_positive_int, "an integer >= 1 (the study uses 2, 3 or 4)"),
     "model.filter_in": (_positive_int, "an integer >= 1"),

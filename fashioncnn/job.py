@@ -1,14 +1,21 @@
-"""One job of a sweep: validate the config, then, inside its MLflow run, load the data, build the model and train it."""
+"""One job of a sweep: skip it if it is done, else train it inside one MLflow run (new, or resumed).
+
+Within a -m sweep a failing job is a FAILED run with its error and traceback and the sweep goes on;
+the command's closing summary reports it and exits non-zero. A single run (no -m) raises as usual.
+"""
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 
 import mlflow
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fashioncnn import tracking
+from fashioncnn import sweep, tracking
 from fashioncnn.config import validate
 from fashioncnn.data import load
 from fashioncnn.model import ModelSpec, build_model, count_parameters
@@ -17,28 +24,71 @@ from fashioncnn.train import resolve_device, train
 log = logging.getLogger(__name__)
 
 
-def train_and_log(cfg: DictConfig) -> float:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the run ends KILLED, its checkpoint stays for a resume."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+def handle_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+
+
+def train_and_log(cfg: DictConfig) -> float | None:
     """Train the model that `cfg` describes as one MLflow run; return its max test accuracy."""
+    handle_sigterm()
     validate(cfg)
     spec = ModelSpec.from_config(cfg.model)
+    fingerprint = sweep.fingerprint(cfg)
+    runs = sweep.Store(cfg).runs_of(fingerprint)
+    done = None if cfg.force else sweep.finished_run(runs)
+    if done is not None:
+        log.info("%s: skipped, already FINISHED as run %s (force=true trains it again)", spec.name, done.info.run_id)
+        return done.data.metrics.get("max_test_acc")
+    resume = sweep.resumable_run(runs, cfg)
+
     # The run starts before anything that can fail on this machine (device, data), so a failure is a
     # FAILED run with its error in MLflow, not just a traceback in a terminal.
-    with tracking.start_run(cfg, spec.name) as run:
-        try:
-            if cfg.threads:
-                torch.set_num_threads(cfg.threads)
-            device = resolve_device(cfg.device.value)
-            data = load(cfg.data_dir, subset=cfg.subset)
-            torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
-            model = build_model(spec)
-            param_count = count_parameters(model)
+    run = tracking.start_run(cfg, spec.name, fingerprint, resume_run_id=resume.info.run_id if resume else None)
+    checkpoint = sweep.checkpoint_path(cfg, run.info.run_id)
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = resolve_device(cfg.device.value)
+        data = load(cfg.data_dir, subset=cfg.subset)
+        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
+        model = build_model(spec)
+        param_count = count_parameters(model)
+        if resume is None:
             mlflow.log_param("param_count", param_count)
-            log.info("%s: %s parameters, %d training images from %s, device %s",
-                     spec.name, f"{param_count:,}", len(data.train_labels), data.source, device)
-            result = train(cfg, model, data, device, on_epoch=tracking.log_epoch)
-        except BaseException as error:
-            tracking.record_failure(error)
+        log.info("%s: %s parameters, %d training images from %s, device %s",
+                 spec.name, f"{param_count:,}", len(data.train_labels), data.source, device)
+        result = train(cfg, model, data, device, on_epoch=tracking.log_epoch, checkpoint=checkpoint)
+    except KeyboardInterrupt:
+        mlflow.set_tag("error", "interrupted (Ctrl-C or SIGTERM); run the same command again to resume")
+        mlflow.end_run("KILLED")
+        raise
+    except Exception as error:
+        tracking.record_failure(error)
+        mlflow.end_run("FAILED")
+        if not _in_sweep():
             raise
-        tracking.log_summary(result, param_count)
+        log.exception("%s: FAILED (run %s); the sweep goes on", spec.name, run.info.run_id)
+        return None
+
+    tracking.log_summary(result, param_count)
+    if result.diverged:
+        mlflow.set_tags({"diverged": "true", "diverged_reason": result.diverged})
+    if cfg.keep_checkpoint and checkpoint.exists():
+        mlflow.log_artifact(str(checkpoint))
+    checkpoint.unlink(missing_ok=True)
+    mlflow.end_run("FINISHED")
     log.info("%s: max test accuracy %.4f, %.1fs training (run %s)", spec.name, result.max_test_acc, result.train_seconds, run.info.run_id)
     return result.max_test_acc

@@ -12,13 +12,13 @@ import logging
 import os
 import re
 import traceback
-import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,7 +27,10 @@ from fashioncnn.train import EpochMetrics, TrainResult
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE_DIR = Path("mlruns")
+# Set by the command line for a -m sweep; jobs in other processes (joblib, submitit) inherit them.
 SWEEP_ID_ENV = "FASHIONCNN_SWEEP_ID"
+PARENT_RUN_ENV = "FASHIONCNN_PARENT_RUN_ID"
+ROLE_TAG = "fashioncnn.role"  # "parent" for a sweep's parent run, "job" for each model's run
 _PASSWORD_IN_URI = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@")
 
 
@@ -67,14 +70,12 @@ def prepare_store(tracking_uri: str, experiment: str) -> str:
 
 
 class PrepareStore(Callback):
-    """Runs in the launching process, before any job: creates the store, and gives a sweep its id."""
+    """Runs in the launching process before any job starts, whichever launcher runs the jobs."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         prepare_store(resolve_tracking_uri(config), config.experiment)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # Jobs started by other launchers (joblib, submitit) inherit the environment.
-        os.environ.setdefault(SWEEP_ID_ENV, uuid.uuid4().hex[:12])
         prepare_store(resolve_tracking_uri(config), config.experiment)
 
 
@@ -86,28 +87,48 @@ def flatten(node: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, An
             yield f"{prefix}{key}", value
 
 
-def run_tags(model_name: str) -> dict[str, str]:
+def run_tags(model_name: str, fingerprint: str) -> dict[str, str]:
     """Overrides, the chosen option of each config group, the model and sweep: what the UI filters on."""
-    tags = {"model_name": model_name, "mlflow.runName": model_name}
+    tags = {"model_name": model_name, "mlflow.runName": model_name, "fingerprint": fingerprint, ROLE_TAG: "job"}
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         tags["hydra.overrides"] = " ".join(hydra_cfg.overrides.task) or "(defaults)"
-        tags["hydra.mode"] = str(hydra_cfg.mode.name).lower()
         for group, option in hydra_cfg.runtime.choices.items():
             if not group.startswith("hydra") and option is not None:
                 tags[f"group.{group}"] = str(option)
         if hydra_cfg.mode.name == "MULTIRUN":
             tags["hydra.job.num"] = str(hydra_cfg.job.num)
-    if os.environ.get(SWEEP_ID_ENV):
-        tags["sweep_id"] = os.environ[SWEEP_ID_ENV]
+    tags.update(sweep_tags())
     return {key: mask_secrets(value) for key, value in tags.items()}
 
 
-def start_run(cfg: DictConfig, model_name: str) -> mlflow.ActiveRun:
+def sweep_tags() -> dict[str, str]:
+    """The sweep and parent run this process's jobs belong to (set by the command line for a -m sweep)."""
+    tags = {}
+    if os.environ.get(SWEEP_ID_ENV):
+        tags["sweep_id"] = os.environ[SWEEP_ID_ENV]
+    if os.environ.get(PARENT_RUN_ENV):
+        tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
+    return tags
+
+
+def runs_with_fingerprint(client: MlflowClient, experiment_id: str, fingerprint: str) -> list[Run]:
+    """All runs of this effective config in the experiment, newest first."""
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.fingerprint = '{fingerprint}'", order_by=["attributes.start_time DESC"], max_results=1000
+    )
+
+
+def start_run(cfg: DictConfig, model_name: str, fingerprint: str, resume_run_id: str | None = None) -> mlflow.ActiveRun:
+    """A new run with the full config, or (resume_run_id) the same run again, moved into the current sweep."""
     tracking_uri = resolve_tracking_uri(cfg)
     mlflow.set_tracking_uri(tracking_uri)
+    if resume_run_id:
+        run = mlflow.start_run(run_id=resume_run_id)
+        mlflow.set_tags({**sweep_tags(), "resumed": "true"})
+        return run
     experiment_id = prepare_store(tracking_uri, cfg.experiment)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=model_name, tags=run_tags(model_name))
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=model_name, tags=run_tags(model_name, fingerprint))
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     mlflow.log_params({key: mask_secrets(str(value)) for key, value in flatten(resolved)})
     mlflow.log_text(mask_secrets(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")

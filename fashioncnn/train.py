@@ -9,9 +9,12 @@ soon as they exist (tracking.py logs them to MLflow).
 from __future__ import annotations
 
 import logging
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -39,6 +42,8 @@ class EpochMetrics:
 @dataclass
 class TrainResult:
     history: list[EpochMetrics] = field(default_factory=list)
+    diverged: str | None = None  # why the divergence guard stopped the run, if it did
+    resumed_after_epoch: int = 0  # epochs restored from a checkpoint
 
     @property
     def max_test_acc(self) -> float:
@@ -51,6 +56,49 @@ class TrainResult:
     @property
     def train_seconds(self) -> float:
         return sum(m.epoch_seconds for m in self.history)
+
+
+class DivergenceGuard:
+    """Stops a run early when its training loss is no longer finite or its accuracy stays at chance.
+
+    The study's diverged models sat at ~10% accuracy and still trained for their full time. Checked
+    every `check_every` steps (one host sync each), on the training batches seen since the last check.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.images_seen = 0
+        self.windows_at_chance = 0
+        self.last = (0.0, 0, 0)  # loss_sum, correct, seen at the previous check, within the epoch
+
+    def new_epoch(self) -> None:
+        self.last = (0.0, 0, 0)
+
+    def check(self, loss_sum: float, correct: int, seen: int) -> str | None:
+        if not self.cfg.enabled:
+            return None
+        if not math.isfinite(loss_sum):
+            return f"training loss became {loss_sum} after {self.images_seen + seen - self.last[2]:,} images"
+        window = seen - self.last[2]
+        accuracy = (correct - self.last[1]) / window
+        self.images_seen += window
+        self.last = (loss_sum, correct, seen)
+        if self.images_seen < self.cfg.warmup_images or accuracy > self.cfg.chance_acc:
+            self.windows_at_chance = 0
+            return None
+        self.windows_at_chance += 1
+        if self.windows_at_chance >= self.cfg.patience:
+            return (f"training accuracy at chance level ({accuracy:.3f} <= {self.cfg.chance_acc}) for "
+                    f"{self.windows_at_chance} checks in a row, after {self.images_seen:,} images")
+        return None
+
+
+def save_checkpoint(path: Path, **state: object) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -92,7 +140,9 @@ def train(
     data: FashionMNIST,
     device: torch.device,
     on_epoch: Callable[[EpochMetrics], None] = lambda metrics: None,
+    checkpoint: Path | None = None,
 ) -> TrainResult:
+    """Train for cfg.epochs; with `checkpoint`, resume from it when it exists and rewrite it after every epoch."""
     torch.manual_seed(cfg.seed)
     order = torch.Generator().manual_seed(cfg.seed)  # its own generator: data order never depends on model init
     model.to(device)
@@ -107,10 +157,25 @@ def train(
     n_train, batch_size = len(train_images), cfg.batch_size
     n_batches = (n_train + batch_size - 1) // batch_size
     result = TrainResult()
+    guard = DivergenceGuard(cfg.divergence)
+    if checkpoint is not None and checkpoint.exists():
+        # Everything the next epoch depends on, so a resumed run ends exactly as an uninterrupted one.
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        order.set_state(state["order_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        result.history = [EpochMetrics(**m) for m in state["history"]]
+        result.resumed_after_epoch = len(result.history)
+        guard.images_seen = state["images_seen"]
+        log.info("resumed from %s after epoch %d", checkpoint, result.resumed_after_epoch)
 
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(result.resumed_after_epoch + 1, cfg.epochs + 1):
+        if epoch == cfg.debug.fail_at_epoch:
+            raise RuntimeError(f"injected failure at epoch {epoch} (debug.fail_at_epoch={epoch})")
         started = time.perf_counter()
         model.train()
+        guard.new_epoch()
         permutation = torch.randperm(n_train, generator=order).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -129,7 +194,12 @@ def train(
             optimizer.step()
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
-        train_loss, train_acc = loss_sum.item() / n_train, correct.item() / n_train
+            if (batch + 1) % cfg.divergence.check_every == 0 or batch + 1 == n_batches:
+                result.diverged = guard.check(loss_sum.item(), int(correct.item()), min((batch + 1) * batch_size, n_train))
+                if result.diverged:
+                    break
+        seen = min((batch + 1) * batch_size, n_train)  # fewer than n_train when the guard stopped the epoch
+        train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
         test_loss, test_acc = evaluate(step, test_images, data.test_labels, cfg.eval_batch_size, autocast)
         metrics = EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc, time.perf_counter() - started)
         log.info(
@@ -138,4 +208,17 @@ def train(
         )
         result.history.append(metrics)
         on_epoch(metrics)
+        if result.diverged:
+            log.warning("stopped early in epoch %d: %s", epoch, result.diverged)
+            break
+        if checkpoint is not None:
+            save_checkpoint(
+                checkpoint,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                order_rng=order.get_state(),
+                torch_rng=torch.get_rng_state(),
+                history=[vars(m) for m in result.history],
+                images_seen=guard.images_seen,
+            )
     return result
