@@ -24,9 +24,9 @@ def test_numeric_group_options_are_quoted_and_everything_else_left_alone():
 
 
 def compose_one(*args):
-    configs = preflight(quote_numeric_group_options(list(args), config_groups()))
-    assert len(configs) == 1
-    return configs[0]
+    jobs = preflight(quote_numeric_group_options(list(args), config_groups()))
+    assert len(jobs) == 1
+    return jobs[0][1]
 
 
 def test_defaults_are_the_studys_best_model():
@@ -48,8 +48,9 @@ def test_values_outside_the_groups_are_set_directly():
 
 
 def test_a_sweep_expands_to_every_combination():
-    configs = preflight(quote_numeric_group_options(["-m", "conv=2,3", "lin=2,3,4"], config_groups()))
-    assert sorted((c.model.conv, c.model.lin) for c in configs) == [(c, l) for c in (2, 3) for l in (2, 3, 4)]
+    jobs = preflight(quote_numeric_group_options(["-m", "conv=2,3", "lin=2,3,4"], config_groups()))
+    assert sorted((c.model.conv, c.model.lin) for _, c in jobs) == [(c, l) for c in (2, 3) for l in (2, 3, 4)]
+    assert jobs[0][0] == ["conv='2'", "lin='2'"]
 
 
 @pytest.mark.parametrize(

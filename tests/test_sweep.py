@@ -15,7 +15,7 @@ def test_multirun_logs_every_combination_with_config_curves_and_tags(tmp_path):
     result = run_cli(["-m", "conv=2,3", "lin=2,3", "subset=256", "epochs=2", "experiment=sweep-test"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     client = local_store(tmp_path)
-    runs = runs_of(client, "sweep-test")
+    runs = [r for r in runs_of(client, "sweep-test") if r.data.tags["fashioncnn.role"] == "job"]
     assert sorted(r.data.tags["model_name"] for r in runs) == ["M2.2.32.32", "M2.3.32.32", "M3.2.32.32", "M3.3.32.32"]
     assert len({r.data.tags["sweep_id"] for r in runs}) == 1
     for run in runs:
@@ -66,11 +66,12 @@ def test_tracking_uri_key_wins_and_passwords_never_show(tmp_path):
 
 
 def test_determinism_same_seed_same_metrics(tmp_path):
-    args = ["-m", "seed=3,3", "subset=192", "epochs=2", "model.filter_in=8", "model.filter_out=8", "experiment=determinism"]
+    # force=true: the second job has the same config as the first and would otherwise be skipped as done.
+    args = ["-m", "seed=3,3", "force=true", "subset=192", "epochs=2", "model.filter_in=8", "model.filter_out=8", "experiment=determinism"]
     result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     client = local_store(tmp_path)
-    first, second = runs_of(client, "determinism")
+    first, second = [r for r in runs_of(client, "determinism") if r.data.tags["fashioncnn.role"] == "job"]
     for metric in ("train_loss", "train_acc", "test_loss", "test_acc"):
         history = [[m.value for m in sorted(client.get_metric_history(r.info.run_id, metric), key=lambda m: m.step)] for r in (first, second)]
         assert history[0] == history[1], metric
