@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 5000
-STORE  := mlruns
+STORE  ?= mlruns
 
 # The README's first command: a real sweep of the study's conv depths (2 runs, 1 epoch each) into ./mlruns.
 SWEEP ?= conv=2,3 epochs=1
@@ -43,9 +43,9 @@ test: $(STAMP) data
 
 ui: $(STAMP)
 	@mkdir -p $(STORE)
-	@echo "MLflow UI: http://$(HOST):$(PORT)  (store: ./$(STORE)/mlflow.db, Ctrl-C to stop)"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(STORE)/mlflow.db \
-		--default-artifact-root ./$(STORE)/artifacts --host $(HOST) --port $(PORT)
+	@echo "MLflow UI: http://$(HOST):$(PORT)  (store: $(abspath $(STORE))/mlflow.db, Ctrl-C to stop)"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(STORE))/mlflow.db \
+		--default-artifact-root $(abspath $(STORE))/artifacts --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info outputs multirun
