@@ -12,7 +12,7 @@ SWEEP ?= conv=2,3 epochs=1
 
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv data sweep test ui bench clean
+.PHONY: venv data sweep test ui bench clean study study-report
 
 venv: $(STAMP)
 
@@ -37,6 +37,28 @@ $(STAMP): pyproject.toml
 sweep: $(STAMP) data
 	$(BIN)/python -m fashioncnn -m $(SWEEP)
 	@echo "Runs are in ./$(STORE). See them: make ui"
+
+# The study (docs/study.md): each step's preset (conf/study/) in the study's order, then the reports.
+# STUDY_ARGS goes to every step, e.g. make study STUDY_ARGS="subset=2000 epochs=1" for a quick pass.
+STUDY_STEPS ?= step1-conv step2-lin step3-channels step3-retrain30 step4-lr step4-retrain50 step4-lr-variations
+STUDY_ARGS  ?=
+
+study: $(STAMP) data
+	@set -e; for step in $(STUDY_STEPS); do \
+		echo "== study $$step: python -m fashioncnn -m +study=$$step $(STUDY_ARGS)"; \
+		$(BIN)/python -m fashioncnn -m +study=$$step $(STUDY_ARGS); \
+	done
+	$(MAKE) --no-print-directory study-report
+
+# One report per step in reports/<step>/, and the study's step-2 table (step 2 with step 1's M2.3, M3.3).
+study-report: $(STAMP)
+	@set -e; for step in $(STUDY_STEPS); do \
+		$(BIN)/python -m fashioncnn.report study-$$step -o reports/$$step > /dev/null; \
+		echo "reports/$$step/report.md"; \
+	done
+	@$(BIN)/python -m fashioncnn.report study-step1-conv study-step2-lin --filter model.conv=2,3 \
+		--title "Step 2: linear depth, with step 1's M2.3 and M3.3" -o reports/step2-with-step1 > /dev/null
+	@echo "reports/step2-with-step1/report.md"
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -88,14 +88,47 @@ def hydra_overrides(args: Sequence[str]) -> tuple[list[str], bool]:
 
 
 def expand_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """One override list per job, exactly as Hydra's basic sweeper will launch them."""
-    if not multirun:
-        return [overrides]
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    """One override list per job, exactly as Hydra's basic sweeper will launch them.
 
-    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-    batches = BasicSweeper.split_arguments(parser.parse_overrides(overrides), max_batch_size=None)
+    Like BasicSweeper.sweep: the grid in the config's `hydra.sweeper.params` (a preset such as
+    `+study=step1-conv` puts it there) comes first, then the command line, whose keys win.
+    """
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.types import RunMode
+
+    loader = GlobalHydra.instance().config_loader()
+    if not multirun:
+        try:
+            run_config = loader.load_configuration(CONFIG_NAME, list(overrides), run_mode=RunMode.RUN)
+            params = OmegaConf.select(run_config, "hydra.sweeper.params")
+        except Exception:
+            return [overrides]  # composing the job itself reports the problem
+        if params:  # without -m Hydra would run the defaults once, ignoring the preset's grid
+            raise ConfigError(f"{_unquoted(overrides)}: defines a sweep over {', '.join(params)}; run it with -m: "
+                              f"python -m fashioncnn -m {_unquoted(overrides)}")
+        return [overrides]
+    sweep_config = loader.load_configuration(CONFIG_NAME, list(overrides), run_mode=RunMode.MULTIRUN)
+    params = OmegaConf.select(sweep_config, "hydra.sweeper.params") or {}
+    params_conf = [f"{key}={value}" for key, value in params.items()]
+    parser = OverridesParser.create(config_loader=loader)
+    _check_preset_params(parser, params_conf)
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(params_conf + list(overrides)), max_batch_size=None)
     return [list(job) for batch in batches for job in batch]
+
+
+def _check_preset_params(parser: OverridesParser, params_conf: list[str]) -> None:
+    """A preset's grid reaches Hydra without the command line's quoting: conv: 1,2 would be ints there."""
+    from hydra.core.override_parser.types import QuotedString
+
+    groups = config_groups()
+    for param, override in zip(params_conf, parser.parse_overrides(params_conf)):
+        value = override.value()
+        values = value.list if override.is_sweep_override() and hasattr(value, "list") else [value]
+        if override.key_or_group in groups and not all(isinstance(v, (str, QuotedString)) for v in values):
+            key, raw = param.lstrip("+~").split("=", 1)
+            quoted = quote_numeric_group_options([param], groups)[0].split("=", 1)[1]
+            raise ConfigError(f"hydra.sweeper.params: {key}: {raw}: a preset must quote the options of config group "
+                              f"'{key}' (Hydra reads them as numbers): {key}: \"{quoted}\"")
 
 
 def _known_keys(node: Any = None, prefix: str = "") -> list[str]:

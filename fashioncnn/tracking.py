@@ -96,6 +96,8 @@ def run_tags(model_name: str, fingerprint: str) -> dict[str, str]:
         for group, option in hydra_cfg.runtime.choices.items():
             if not group.startswith("hydra") and option is not None:
                 tags[f"group.{group}"] = str(option)
+        if hydra_cfg.runtime.choices.get("retrained_from"):  # the run fashioncnn.retrain replays (its option name)
+            tags["retrained_from"] = str(hydra_cfg.runtime.choices["retrained_from"])
         if hydra_cfg.mode.name == "MULTIRUN":
             tags["hydra.job.num"] = str(hydra_cfg.job.num)
     tags.update(sweep_tags())
