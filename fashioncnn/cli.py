@@ -28,6 +28,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from fashioncnn import sources
 from fashioncnn.config import Config, ConfigError, register_schema, validate
 
 log = logging.getLogger("fashioncnn")
@@ -181,6 +182,7 @@ def check_unknown_keys(cfg: DictConfig) -> None:
 
 def preflight(args: Sequence[str]) -> list[tuple[list[str], DictConfig]]:
     """Compose and validate every job of the command line; ConfigError names the first bad one."""
+    register_schema()
     overrides, multirun = hydra_overrides(args)
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         try:
@@ -245,7 +247,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     register_schema()
     dry_run = "--dry-run" in args
-    args = quote_numeric_group_options([a for a in args if a != "--dry-run"], config_groups())
+    args, team_dirs = sources.take_config_dirs([a for a in args if a != "--dry-run"])
+    if sources.missing_dirs(team_dirs):
+        print(f"error: config directory {sources.missing_dirs(team_dirs)[0]} does not exist "
+              f"(from --config-dir or ${sources.CONFIG_PATH_ENV})", file=sys.stderr)
+        sys.exit(2)
+    for warning in sources.shadowed(team_dirs):
+        print(f"warning: {warning}", file=sys.stderr)
+    args = quote_numeric_group_options(args, sources.group_names(team_dirs))
+    args = sources.with_search_path(args, team_dirs)
     sys.argv = [sys.argv[0], *args]
     if any(flag in args for flag in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")):
         run_job()

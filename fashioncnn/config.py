@@ -9,6 +9,7 @@ is allowed.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -21,12 +22,6 @@ TRAIN_SET_SIZE = 60_000
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message is one line meant for the user."""
-
-
-class Device(Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class Optimizer(Enum):
@@ -76,7 +71,7 @@ class Config:
     epochs: int = 5
     batch_size: int = 64
     seed: int = 0
-    device: Device = Device.auto
+    device: str = "auto"  # auto (CUDA when present; one GPU per job in a sweep), cpu, cuda, cuda:N
     subset: Optional[int] = None  # training images to use; None means all 60,000
     data_dir: str = "data"  # searched first; torchvision downloads here when the machine can
     experiment: str = "fashioncnn"  # MLflow experiment name
@@ -114,6 +109,8 @@ _RULES: dict[str, tuple[Any, str]] = {
         f"null (all images) or an integer from 1 to {TRAIN_SET_SIZE}",
     ),
     "threads": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: torch's default)"),
+    "device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+               "one of auto, cpu, cuda, cuda:N"),
     "experiment": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty name"),
     "optim.lr": (lambda v: isinstance(v, float) and math.isfinite(v) and v > 0, "a number > 0"),
     "divergence.chance_acc": (lambda v: isinstance(v, float) and 0 <= v < 1, "a number from 0 to 1 (exclusive)"),

@@ -61,7 +61,7 @@ def train_and_log(cfg: DictConfig) -> float | None:
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        device = resolve_device(cfg.device.value)
+        device = resolve_device(cfg.device, HydraConfig.get().job.num if _in_sweep() else None)
         data = load(cfg.data_dir, subset=cfg.subset)
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
         model = build_model(spec)

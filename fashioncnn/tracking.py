@@ -22,6 +22,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from fashioncnn.sources import option_source
 from fashioncnn.train import EpochMetrics, TrainResult
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ def run_tags(model_name: str, fingerprint: str) -> dict[str, str]:
         for group, option in hydra_cfg.runtime.choices.items():
             if not group.startswith("hydra") and option is not None:
                 tags[f"group.{group}"] = str(option)
+                provenance = option_source(group, str(option), list(hydra_cfg.searchpath))
+                if provenance:  # which file (built-in or a team's directory, and which version) chose this
+                    tags[f"source.{group}"], tags[f"source_sha.{group}"] = provenance
         if hydra_cfg.runtime.choices.get("retrained_from"):  # the run fashioncnn.retrain replays (its option name)
             tags["retrained_from"] = str(hydra_cfg.runtime.choices["retrained_from"])
         if hydra_cfg.mode.name == "MULTIRUN":

@@ -101,11 +101,17 @@ def save_checkpoint(path: Path, **state: object) -> None:
     os.replace(partial, path)
 
 
-def resolve_device(requested: str) -> torch.device:
+def resolve_device(requested: str, job_num: int | None = None) -> torch.device:
+    """`auto` is CUDA when present; for job `job_num` of a sweep on a multi-GPU machine, GPU job_num % count."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda: no CUDA device is available here; use device=auto or device=cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        count = torch.cuda.device_count()
+        return torch.device("cuda", job_num % count if job_num is not None and count > 1 else 0)
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={requested}: no CUDA device is available here; use device=auto or device=cpu")
+    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+        raise RuntimeError(f"device={requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(requested)
 
 
