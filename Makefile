@@ -12,7 +12,7 @@ SWEEP ?= conv=2,3 epochs=1
 
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv data sweep test ui bench clean study study-report
+.PHONY: venv data postgres sweep test ui server server-sqlite bench clean study study-report
 
 venv: $(STAMP)
 
@@ -33,6 +33,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# PostgreSQL from Debian's package, for the team tracking server and its test.
+postgres:
+	@if [ -n "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] || command -v initdb >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "Installing PostgreSQL (Debian package postgresql)"; \
+		apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; \
+	elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then \
+		sudo apt-get update -qq && sudo apt-get install -y -qq postgresql >/dev/null; \
+	else echo "PostgreSQL not installed: the server test will be skipped"; fi
+
+# A shared MLflow tracking server on $(HOST):$(PORT): PostgreSQL (make server) or sqlite (make server-sqlite),
+# database and artifacts in ./server. Add AUTH=--auth for MLflow's basic authentication.
+server: $(STAMP) postgres
+	$(BIN)/python -m fashioncnn.server --backend postgres --dir server --host $(HOST) --port $(PORT) $(AUTH)
+
+server-sqlite: $(STAMP)
+	$(BIN)/python -m fashioncnn.server --backend sqlite --dir server --host $(HOST) --port $(PORT) $(AUTH)
 
 sweep: $(STAMP) data
 	$(BIN)/python -m fashioncnn -m $(SWEEP)
@@ -60,7 +78,7 @@ study-report: $(STAMP)
 		--title "Step 2: linear depth, with step 1's M2.3 and M3.3" -o reports/step2-with-step1 > /dev/null
 	@echo "reports/step2-with-step1/report.md"
 
-test: $(STAMP) data
+test: $(STAMP) data postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ui: $(STAMP)

@@ -267,6 +267,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     from fashioncnn.job import handle_sigterm
     from fashioncnn.sweep import describe_plan, plan
+    from fashioncnn.tracking import mask_secrets, prepare_store, resolve_tracking_uri
+
+    # The store is reached (and created) here, once, before any job: an unreachable server is one
+    # line now rather than a traceback per job.
+    for uri, experiment in dict.fromkeys((resolve_tracking_uri(cfg), cfg.experiment) for _, cfg in jobs):
+        try:
+            prepare_store(uri, experiment)
+        except Exception as error:
+            reason = mask_secrets(str(error).splitlines()[0] if str(error) else type(error).__name__)
+            print(f"error: tracking store {mask_secrets(uri)} (experiment {experiment!r}) cannot be used: {reason}", file=sys.stderr)
+            sys.exit(2)
 
     if dry_run:
         print(describe_plan(plan(jobs)))

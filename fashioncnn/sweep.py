@@ -76,7 +76,7 @@ class PlannedJob:
     def command(self) -> str:
         # Launcher settings (hydra/...) say how a job ran, not what it trained.
         chosen = [o for o in self.overrides if not o.lstrip("+~").startswith("hydra")]
-        return " ".join(chosen).replace("'", "") or "(defaults)"
+        return mask_secrets(" ".join(chosen).replace("'", "").replace("\\", "")) or "(defaults)"
 
     @property
     def action(self) -> str:

@@ -40,6 +40,17 @@ def mask_secrets(text: str) -> str:
     return _PASSWORD_IN_URI.sub(r"\1:***@", text)
 
 
+class MaskSecrets(logging.Filter):
+    """A logging filter (installed in conf/config.yaml) so no log line shows a password from a URI."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_secrets(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
 def default_tracking_uri() -> str:
     return f"sqlite:///{(DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
 
@@ -129,6 +140,8 @@ def start_run(cfg: DictConfig, model_name: str, fingerprint: str, resume_run_id:
     """A new run with the full config, or (resume_run_id) the same run again, moved into the current sweep."""
     tracking_uri = resolve_tracking_uri(cfg)
     mlflow.set_tracking_uri(tracking_uri)
+    if mask_secrets(tracking_uri) != tracking_uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # MLflow would print the URL with its password
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id)
         mlflow.set_tags({**sweep_tags(), "resumed": "true"})

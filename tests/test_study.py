@@ -43,7 +43,7 @@ def expand(*args: str) -> list[list[str]]:
 
 
 def compose_all(*args: str) -> list:
-    return preflight(quote_numeric_group_options(list(args), config_groups()))
+    return [cfg for _, cfg in preflight(quote_numeric_group_options(list(args), config_groups()))]
 
 
 def name(cfg) -> str:
@@ -112,8 +112,13 @@ def sweep(tmp_path_factory):
     result = run_cli(SWEEP_ARGS, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     client = local_store(cwd)
-    runs = runs_of(client, "study-step2-lin")
+    runs = [r for r in runs_of(client, "study-step2-lin") if r.data.tags["fashioncnn.role"] == "job"]
     return cwd, client, runs, f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}"
+
+
+def parent_of(client, runs):
+    (parent_id,) = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    return client.get_run(parent_id)
 
 
 @needs_data
@@ -148,7 +153,7 @@ def test_report_table_csv_and_figures_match_mlflow(sweep, tmp_path):
     cwd, client, runs, uri = sweep
     out = tmp_path / "report"
     built = report.build(["study-step2-lin"], out, uri=uri)
-    assert built.parent_run_id is None  # today's runs have no parent run: nothing to attach to
+    assert built.parent_run_id == parent_of(client, runs).info.run_id  # the sweep's parent run gets the files
     rows = list(csv.DictReader(open(out / "runs.csv")))
     by_id = {r.info.run_id: r for r in runs}
     assert sorted(row["run_id"] for row in rows) == sorted(by_id)
@@ -227,19 +232,13 @@ def test_report_errors_and_the_command_line(sweep, tmp_path, capsys):
 
 @needs_data
 def test_report_is_logged_to_the_sweeps_parent_run_when_there_is_one(sweep, tmp_path):
-    # The resilience issue's contract: a parent run per -m sweep (fashioncnn.role=parent, sweep_id), its jobs
-    # tagged mlflow.parentRunId and fashioncnn.role=job. Made here by hand on the real sweep's runs.
     _, client, runs, uri = sweep
-    sweep_id = runs[0].data.tags["sweep_id"]
-    parent = client.create_run(runs[0].info.experiment_id, run_name="sweep", tags={"fashioncnn.role": "parent", "sweep_id": sweep_id})
-    client.set_terminated(parent.info.run_id, "FINISHED")
-    for run in runs:
-        client.set_tag(run.info.run_id, "mlflow.parentRunId", parent.info.run_id)
-        client.set_tag(run.info.run_id, "fashioncnn.role", "job")
+    parent = parent_of(client, runs)
+    assert parent.data.tags["fashioncnn.role"] == "parent" and parent.data.tags["sweep_id"] == runs[0].data.tags["sweep_id"]
     built = report.build([parent.info.run_id], tmp_path / "by-parent", uri=uri)
     assert built.parent_run_id == parent.info.run_id
     assert sorted(r.run.info.run_id for _, rs in built.sections for r in rs) == sorted(r.info.run_id for r in runs)
-    logged = sorted(Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report"))
+    logged = sorted(Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report") if not a.is_dir)
     assert logged == ["by_config.csv", "loss.png", "report.md", "runs.csv", "test_acc.png"]
     # Found from the experiment name too (one sweep, one parent); a filtered report goes to its own folder.
     assert report.build(["study-step2-lin"], tmp_path / "lin4", uri=uri, filters=["model.lin=4"]).parent_run_id == parent.info.run_id
@@ -256,7 +255,7 @@ def test_retrain_the_best_replays_their_configs_with_new_overrides_and_tags_line
                      module="fashioncnn.retrain")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Retraining the top 2 of 4 finished runs of sweep {sweep_id} by max_test_acc" in result.stdout
-    new = runs_of(client, "retrained")
+    new = [r for r in runs_of(client, "retrained") if r.data.tags["fashioncnn.role"] == "job"]
     assert sorted(r.data.tags["retrained_from"] for r in new) == sorted(r.info.run_id for r in top)
     assert len({r.data.tags["sweep_id"] for r in new}) == 1 and new[0].data.tags["sweep_id"] != sweep_id
     for run in new:

@@ -1,0 +1,81 @@
+"""A team's shared tracking server: a real PostgreSQL and a real `mlflow server` on 127.0.0.1, a real sweep into it."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fashioncnn.data import DEBIAN_DIR
+from fashioncnn.server import _as_postgres_user, _postgres_bin
+
+from conftest import run_cli
+
+have_postgres = shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+pytestmark = [
+    pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)"),
+    pytest.mark.skipif(not have_postgres, reason="needs PostgreSQL (make test installs it: apt-get install postgresql)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sweep_into_a_postgres_backed_server_and_read_it_back_over_rest(tmp_path):
+    # PostgreSQL runs as its own user, which cannot enter pytest's private tmp folders.
+    folder = Path(tempfile.mkdtemp(prefix="fashioncnn-server-", dir="/tmp"))
+    folder.chmod(0o755)
+    port, postgres_port = free_port(), free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fashioncnn.server", "--dir", str(folder), "--port", str(port), "--postgres-port", str(postgres_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        started = time.monotonic()
+        output = []
+        while not output or not output[-1].startswith("MLflow tracking server:"):
+            line = server.stdout.readline()
+            assert line, "server exited:\n" + "".join(output)
+            output.append(line)
+        assert output[-1].startswith(f"MLflow tracking server: http://127.0.0.1:{port}")
+        startup_seconds = time.monotonic() - started
+
+        secret_uri = f"http://alice:hunter2@127.0.0.1:{port}"
+        result = run_cli(["-m", "conv=2,3", "model.filter_in=4", "model.filter_out=4", "subset=64", "epochs=1",
+                          "experiment=shared", f"tracking_uri={secret_uri}"], cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert "hunter2" not in result.stdout + result.stderr
+
+        client = MlflowClient(f"http://127.0.0.1:{port}")  # MLflow's REST client
+        runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id])
+        (parent,) = [r for r in runs if r.data.tags["fashioncnn.role"] == "parent"]
+        jobs = [r for r in runs if r.data.tags["fashioncnn.role"] == "job"]
+        assert sorted(r.data.tags["model_name"] for r in jobs) == ["M2.2.4.4", "M3.2.4.4"]
+        for run in jobs:
+            assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            assert "max_test_acc" in run.data.metrics
+            assert run.data.params["tracking_uri"] == "http://alice:***@127.0.0.1:%d" % port
+            assert not any("hunter2" in value for value in [*run.data.params.values(), *run.data.tags.values()])
+            config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))  # proxied artifacts
+            assert "hunter2" not in open(config).read()
+        assert any(folder.joinpath("artifacts").rglob("config.yaml"))
+
+        count = subprocess.run(
+            [*_as_postgres_user(), _postgres_bin("psql"), "-h", "127.0.0.1", "-p", str(postgres_port), "-U", "postgres",
+             "-d", "mlflow", "-tAc", "SELECT count(*) FROM runs"], capture_output=True, text=True, check=True)
+        assert count.stdout.strip() == "3"  # the runs really are in PostgreSQL
+        print(f"server start-up: {startup_seconds:.1f} s")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
