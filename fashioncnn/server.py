@@ -6,8 +6,9 @@ starts (first creating, when missing) a PostgreSQL cluster of its own in DIR/pos
 127.0.0.1 only, with a database `mlflow`; then `mlflow server` on HOST:PORT with that database and
 artifacts in DIR/artifacts served through the server (--artifacts-destination), so clients need no
 access to the server's disk. Both stop together on Ctrl-C or SIGTERM. Sweeps log to it with
-MLFLOW_TRACKING_URI=http://HOST:PORT. `--auth` turns on MLflow's basic authentication (clients then
-set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD). It binds to 127.0.0.1 unless --host says
+MLFLOW_TRACKING_URI=http://HOST:PORT. `--auth` turns on MLflow's basic authentication (an admin
+password is generated into DIR/basic_auth.ini; clients set MLFLOW_TRACKING_USERNAME and
+MLFLOW_TRACKING_PASSWORD). It binds to 127.0.0.1 unless --host says
 otherwise: opening it to a network is a decision to take with --auth on.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -80,6 +82,22 @@ def start_postgres(folder: Path, port: int) -> tuple[subprocess.Popen, str]:
     return process, f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"
 
 
+def _auth_config(folder: Path) -> Path:
+    """MLflow's basic_auth.ini with the users database in DIR (MLflow's default puts it in the working directory)."""
+    config = folder / "basic_auth.ini"
+    if not config.exists():
+        config.touch(mode=0o600)  # it holds the admin password
+        config.write_text(
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
+            f"admin_username = admin\nadmin_password = {secrets.token_urlsafe(18)}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        print(f"basic auth: user admin, password in {config} (readable by you only); "
+              "create users for your team with the MLflow UI or REST API", flush=True)
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fashioncnn.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["postgres", "sqlite"], default="postgres")
@@ -105,9 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
         "--artifacts-destination", str(folder / "artifacts"), "--host", args.host, "--port", str(args.port),
     ]
+    environment = dict(os.environ)
     if args.auth:
         command += ["--app-name", "basic-auth"]
-    server = subprocess.Popen(command)
+        # The auth app's CSRF protection needs a key that survives restarts: made once, kept private in DIR.
+        key_file = folder / "flask_secret_key"
+        if "MLFLOW_FLASK_SERVER_SECRET_KEY" not in environment:
+            if not key_file.exists():
+                key_file.touch(mode=0o600)
+                key_file.write_text(secrets.token_hex(32))
+            environment["MLFLOW_FLASK_SERVER_SECRET_KEY"] = key_file.read_text().strip()
+        environment.setdefault("MLFLOW_AUTH_CONFIG_PATH", str(_auth_config(folder)))
+    server = subprocess.Popen(command, env=environment)
     children.append(server)
 
     def stop(*_: object) -> None:

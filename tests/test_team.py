@@ -93,3 +93,25 @@ def test_devices_per_job(monkeypatch):
         resolve_device("cuda:7")
     cfg = preflight(["device=cuda:1"])[0][1]
     assert cfg.device == "cuda:1"
+
+
+def test_an_installed_wheel_finds_its_configs_outside_the_repo(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(REPO)],
+                   check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("fashioncnn-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
+                   check=True, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run_cli(["-m", "conv=2,3", "channels=16.32", "hydra/launcher=local_parallel", "--dry-run"], cwd=elsewhere,
+                     env={"PYTHONPATH": str(tmp_path / "site")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[:2] == ["#0 M2.2.16.32   conv=2 channels=16.32: train", "#1 M3.2.16.32   conv=3 channels=16.32: train"]
+    located = subprocess.run([sys.executable, "-c", "import fashioncnn.conf; print(fashioncnn.conf.__path__[0])"], cwd=elsewhere,
+                             env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True)
+    assert located.stdout.strip() == str(tmp_path / "site" / "fashioncnn" / "conf")
