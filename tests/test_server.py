@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,7 @@ from fashioncnn.server import _as_postgres_user, _postgres_bin
 from conftest import run_cli
 
 have_postgres = shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-pytestmark = [
-    pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)"),
-    pytest.mark.skipif(not have_postgres, reason="needs PostgreSQL (make test installs it: apt-get install postgresql)"),
-]
+pytestmark = pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")
 
 
 def free_port() -> int:
@@ -31,22 +30,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(args, folder):
+    """`python -m fashioncnn.server ARGS`; returns the process once it has announced its URL."""
+    server = subprocess.Popen([sys.executable, "-m", "fashioncnn.server", "--dir", str(folder), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = []
+    while not output or not output[-1].startswith("MLflow tracking server:"):
+        line = server.stdout.readline()
+        assert line, "server exited:\n" + "".join(output)
+        output.append(line)
+    return server, output
+
+
+def stop_server(server):
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=60)
+
+
+def test_basic_auth_server_refuses_anonymous_clients_and_takes_a_sweep_with_credentials(tmp_path):
+    port = free_port()
+    server, output = start_server(["--backend", "sqlite", "--port", str(port), "--auth"], tmp_path / "server")
+    try:
+        ini = tmp_path / "server" / "basic_auth.ini"
+        assert any(line.startswith(f"basic auth: user admin, password in {ini}") for line in output)
+        assert ini.stat().st_mode & 0o077 == 0  # readable by its owner only
+        password = next(line.split(" = ", 1)[1].strip() for line in ini.read_text().splitlines() if line.startswith("admin_password"))
+        assert password != "password1234" and len(password) >= 20
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 401
+
+        credentials = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+        result = run_cli(["conv=3", "model.filter_in=4", "model.filter_out=4", "subset=64", "epochs=1", "experiment=authed",
+                          f"tracking_uri=http://127.0.0.1:{port}"], cwd=tmp_path, env=credentials)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert password not in result.stdout + result.stderr
+        os.environ.update(credentials)
+        try:
+            client = MlflowClient(f"http://127.0.0.1:{port}")
+            (run,) = client.search_runs([client.get_experiment_by_name("authed").experiment_id])
+            assert run.info.status == "FINISHED" and run.data.tags["model_name"] == "M3.2.4.4"
+        finally:
+            for key in credentials:
+                os.environ.pop(key)
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.skipif(not have_postgres, reason="needs PostgreSQL (make test installs it: apt-get install postgresql)")
 def test_sweep_into_a_postgres_backed_server_and_read_it_back_over_rest(tmp_path):
     # PostgreSQL runs as its own user, which cannot enter pytest's private tmp folders.
     folder = Path(tempfile.mkdtemp(prefix="fashioncnn-server-", dir="/tmp"))
     folder.chmod(0o755)
     port, postgres_port = free_port(), free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "fashioncnn.server", "--dir", str(folder), "--port", str(port), "--postgres-port", str(postgres_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
+    started = time.monotonic()
+    server, output = start_server(["--port", str(port), "--postgres-port", str(postgres_port)], folder)
     try:
-        started = time.monotonic()
-        output = []
-        while not output or not output[-1].startswith("MLflow tracking server:"):
-            line = server.stdout.readline()
-            assert line, "server exited:\n" + "".join(output)
-            output.append(line)
         assert output[-1].startswith(f"MLflow tracking server: http://127.0.0.1:{port}")
         startup_seconds = time.monotonic() - started
 
@@ -76,6 +116,5 @@ def test_sweep_into_a_postgres_backed_server_and_read_it_back_over_rest(tmp_path
         assert count.stdout.strip() == "3"  # the runs really are in PostgreSQL
         print(f"server start-up: {startup_seconds:.1f} s")
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        stop_server(server)
         shutil.rmtree(folder, ignore_errors=True)
