@@ -21,13 +21,14 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from fashioncnn.tracking import mask_secrets
+
 ROLE_TAG = "fashioncnn.role"
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "sweep_id"
 DIVERGED_TAG = "diverged"
 DEFAULT_METRIC = "max_test_acc"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_PASSWORD_IN_URI = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@")
 
 
 class ResultsError(Exception):
@@ -35,7 +36,7 @@ class ResultsError(Exception):
 
 
 def mask(uri: str) -> str:
-    return _PASSWORD_IN_URI.sub(r"\1:***@", uri)
+    return mask_secrets(uri)
 
 
 def tracking_uri(requested: str | None = None) -> str:

@@ -27,8 +27,9 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+from fashioncnn.tracking import flatten
 from fashioncnn.results import (
     DEFAULT_METRIC, ResultsError, check_metric, is_diverged, lower_is_better, mask, metric, param_value, rank, select,
     tracking_uri,
@@ -36,14 +37,6 @@ from fashioncnn.results import (
 
 GROUP = "retrained_from"
 NOT_CARRIED = {"tracking_uri", "experiment"}
-
-
-def _flatten(node: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in node.items():
-        if isinstance(value, Mapping):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,7 +74,7 @@ def run_config(client: Any, run: Any, scratch: Path) -> dict[str, Any]:
     try:
         path = client.download_artifacts(run.info.run_id, "config.yaml", str(scratch))
         with open(path) as handle:
-            return dict(_flatten(yaml.safe_load(handle)))
+            return dict(flatten(yaml.safe_load(handle)))
     except Exception:  # no artifact (a run from elsewhere): the params hold the same flattened config
         return {key: param_value(value) for key, value in run.data.params.items() if key != "param_count"}
 
@@ -98,7 +91,7 @@ class GroupChoices:
         from fashioncnn.config import register_schema
 
         register_schema()
-        self._compose = lambda overrides: dict(_flatten(OmegaConf.to_container(
+        self._compose = lambda overrides: dict(flatten(OmegaConf.to_container(
             compose(CONFIG_NAME, overrides=overrides), resolve=True, enum_to_str=True)))
         self._context = initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3")
         self._context.__enter__()

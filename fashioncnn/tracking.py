@@ -13,7 +13,7 @@ import os
 import re
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import mlflow
 from hydra.core.hydra_config import HydraConfig
@@ -23,7 +23,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fashioncnn.sources import option_source
-from fashioncnn.train import EpochMetrics, TrainResult
+
+if TYPE_CHECKING:  # the training loop's types only: importing torch here would slow every report
+    from fashioncnn.train import EpochMetrics, TrainResult
 
 log = logging.getLogger(__name__)
 
