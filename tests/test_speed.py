@@ -1,0 +1,182 @@
+"""The speed options: they compose and validate, bf16 steps aside where it is not native, results stay deterministic.
+
+Speed itself is measured by `make bench` (benchmarks/), never by a timed test.
+"""
+
+import logging
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fashioncnn import train as train_module
+from fashioncnn.cli import config_groups, preflight, quote_numeric_group_options
+from fashioncnn.config import ConfigError, register_schema
+from fashioncnn.data import FashionMNIST
+from fashioncnn.model import ModelSpec, build_model
+from fashioncnn.train import bf16_is_native, make_optimizer, relu_after_pool, reuse_freed_memory, train, use_bf16
+
+register_schema()
+CPU = torch.device("cpu")
+
+
+def compose(*args):
+    (job,) = preflight(quote_numeric_group_options(list(args), config_groups()))
+    return job[1] if isinstance(job, tuple) else job  # newer preflight() returns (overrides, config) pairs
+
+
+def tiny_data(train_count=192, test_count=64) -> FashionMNIST:
+    generator = torch.Generator().manual_seed(0)
+    return FashionMNIST(
+        torch.randn(train_count, 1, 28, 28, generator=generator),
+        torch.randint(0, 10, (train_count,), generator=generator),
+        torch.randn(test_count, 1, 28, 28, generator=generator),
+        torch.randint(0, 10, (test_count,), generator=generator),
+        source=None,
+    )
+
+
+def run(cfg, data=None):
+    torch.manual_seed(cfg.seed)
+    model = build_model(ModelSpec.from_config(cfg.model))
+    return [(m.train_loss, m.train_acc, m.test_loss, m.test_acc) for m in train(cfg, model, data or tiny_data(), CPU).history]
+
+
+SMALL = ["model.filter_in=8", "model.filter_out=8", "epochs=2", "device=cpu"]
+
+
+def test_speed_defaults():
+    cfg = compose()
+    assert (cfg.precision.value, cfg.channels_last, cfg.compile, cfg.threads, cfg.eval_batch_size) == ("fp32", True, False, 0, 1000)
+    assert (cfg.optimizer_impl.value, cfg.reuse_memory, cfg.pool_before_relu) == ("fused", True, True)
+
+
+def test_speed_options_compose_together():
+    cfg = compose("precision=bf16", "channels_last=false", "compile=true", "threads=1", "eval_batch_size=250",
+                  "optimizer_impl=loop", "reuse_memory=false", "pool_before_relu=false")
+    assert (cfg.precision.value, cfg.channels_last, cfg.compile, cfg.threads, cfg.eval_batch_size) == ("bf16", False, True, 1, 250)
+    assert (cfg.optimizer_impl.value, cfg.reuse_memory, cfg.pool_before_relu) == ("loop", False, False)
+
+
+@pytest.mark.parametrize(
+    "arg,message",
+    [
+        ("precision=fp16", "precision=fp16: Invalid value 'fp16', expected one of [fp32, bf16]"),
+        ("optimizer_impl=fast", "optimizer_impl=fast: Invalid value 'fast', expected one of [fused, foreach, loop]"),
+        ("channels_last=maybe", "channels_last=maybe: Value 'maybe' is not a valid bool"),
+        ("threads=-1", "threads=-1: not allowed, must be an integer >= 0 (0: torch's default)"),
+        ("eval_batch_size=0", "eval_batch_size=0: not allowed, must be an integer >= 1"),
+    ],
+)
+def test_bad_speed_options_fail_in_one_line(arg, message):
+    with pytest.raises(ConfigError) as caught:
+        compose(arg)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach", "loop"])
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizer_impl_picks_the_kernel(impl, name):
+    optimizer = make_optimizer(compose(f"optimizer_impl={impl}", f"optim.name={name}"), torch.nn.Linear(3, 2))
+    assert type(optimizer).__name__ == {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}[name]
+    assert bool(optimizer.defaults["fused"]) == (impl == "fused")
+    assert bool(optimizer.defaults["foreach"]) == (impl == "foreach")
+
+
+def test_bf16_is_native_reads_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not bf16_is_native(CPU, str(cpuinfo))
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert bf16_is_native(CPU, str(cpuinfo))
+    cpuinfo.write_text("Features\t: fp asimd bf16 i8mm\n")  # Arm
+    assert bf16_is_native(CPU, str(cpuinfo))
+    assert not bf16_is_native(CPU, str(tmp_path / "missing"))
+
+
+def test_bf16_turns_itself_off_with_one_line_where_not_native(monkeypatch, caplog):
+    monkeypatch.setattr(train_module, "bf16_is_native", lambda device: False)
+    with caplog.at_level(logging.WARNING, logger="fashioncnn.train"):
+        assert use_bf16(compose("precision=bf16"), CPU) is False
+    (record,) = caplog.records
+    assert record.getMessage() == "precision=bf16: no native bf16 on this cpu (emulated bf16 is slower than fp32), training in fp32"
+    caplog.clear()
+    assert use_bf16(compose("precision=fp32"), CPU) is False and not caplog.records
+    monkeypatch.setattr(train_module, "bf16_is_native", lambda device: True)
+    assert use_bf16(compose("precision=bf16"), CPU) is True and not caplog.records
+
+
+def test_bf16_fallback_trains_exactly_as_fp32(monkeypatch):
+    monkeypatch.setattr(train_module, "bf16_is_native", lambda device: False)
+    assert run(compose(*SMALL, "precision=bf16")) == run(compose(*SMALL, "precision=fp32"))
+
+
+def test_bf16_where_native_trains_under_autocast(monkeypatch):
+    # Pretend the CPU has native bf16: autocast is on, so the numbers differ from fp32 (and still learn).
+    monkeypatch.setattr(train_module, "bf16_is_native", lambda device: True)
+    bf16 = run(compose(*SMALL, "precision=bf16", "epochs=1"))
+    assert bf16 != run(compose(*SMALL, "precision=fp32", "epochs=1"))
+    assert all(0 <= acc <= 1 for _, acc, _, test_acc in bf16 for acc in (acc, test_acc))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],  # the defaults
+        ["channels_last=false", "optimizer_impl=foreach", "reuse_memory=false", "eval_batch_size=7"],
+        ["optimizer_impl=loop", "pool_before_relu=false"],
+    ],
+)
+def test_same_seed_same_metrics_with_speed_options(options):
+    first, second = run(compose(*SMALL, *options)), run(compose(*SMALL, *options))
+    assert first == second
+
+
+def test_relu_after_pool_is_the_same_network_bit_for_bit():
+    data = tiny_data(train_count=256)
+    for conv in (1, 2, 3):
+        options = [*SMALL, f"model.conv={conv}"]
+        assert run(compose(*options, "pool_before_relu=true"), data) == run(compose(*options, "pool_before_relu=false"), data)
+
+
+def test_relu_after_pool_reorders_only_the_training_view():
+    model = build_model(ModelSpec.from_name("M2.2.32.32"))
+    layout = [type(layer).__name__ for layer in model]
+    view = relu_after_pool(model)
+    assert [type(layer).__name__ for layer in view] == [
+        "Conv2d", "MaxPool2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU", "Flatten", "Linear", "ReLU", "Linear"]
+    assert [type(layer).__name__ for layer in model] == layout  # the study's layout stays for printing and state_dict
+    assert all(a is b for a, b in zip(model.parameters(), view.parameters()))
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(model(x), view(x))
+
+
+def test_eval_batch_size_does_not_change_the_metrics_beyond_rounding():
+    data = tiny_data()
+    whole, in_sevens = run(compose(*SMALL, "epochs=1"), data), run(compose(*SMALL, "epochs=1", "eval_batch_size=7"), data)
+    assert whole[0][:2] == in_sevens[0][:2]  # training is untouched
+    assert whole[0][2] == pytest.approx(in_sevens[0][2], rel=1e-5) and whole[0][3] == in_sevens[0][3]
+
+
+def test_options_change_nothing_but_speed():
+    # channels_last and the optimizer kernel change rounding only: same data, same model, nearly the same numbers.
+    data = tiny_data(train_count=512)
+    base = run(compose(*SMALL, "channels_last=false", "optimizer_impl=foreach"), data)
+    fast = run(compose(*SMALL), data)
+    for a, b in zip(base, fast):
+        assert a[0] == pytest.approx(b[0], rel=1e-3) and a[2] == pytest.approx(b[2], rel=1e-3)
+
+
+def test_reuse_freed_memory_applies_on_glibc():
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert reuse_freed_memory() is True
+    else:
+        assert reuse_freed_memory() in (True, False)
+
+
+def test_config_dump_names_every_speed_key():
+    keys = OmegaConf.to_container(compose()).keys()
+    assert {"precision", "channels_last", "compile", "threads", "eval_batch_size", "optimizer_impl", "reuse_memory",
+            "pool_before_relu"} <= set(keys)
