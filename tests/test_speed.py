@@ -180,3 +180,39 @@ def test_config_dump_names_every_speed_key():
     keys = OmegaConf.to_container(compose()).keys()
     assert {"precision", "channels_last", "compile", "threads", "eval_batch_size", "optimizer_impl", "reuse_memory",
             "pool_before_relu"} <= set(keys)
+
+
+def _bench_module():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("results_name", ["results.json", "results-threads1.json"])
+def test_readme_speed_tables_are_drawn_from_the_results_files(results_name):
+    import json
+
+    bench = _bench_module()
+    results_file = bench.REPO / "benchmarks" / results_name
+    start, end = bench.table_markers(results_file)
+    readme = bench.README.read_text()
+    assert f"{start}\n{bench.render_table(json.loads(results_file.read_text()))}\n{end}" in readme
+
+
+def test_bench_rewrites_only_its_marked_section(tmp_path):
+    import json
+
+    bench = _bench_module()
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- speed-table -->\nold table\n<!-- /speed-table -->\nafter\n")
+    results = json.loads((bench.REPO / "benchmarks" / "results.json").read_text())
+    assert bench.write_readme(results, bench.RESULTS, readme)
+    text = readme.read_text()
+    assert text.startswith("before\n<!-- speed-table -->\n`make bench` on ") and text.endswith("<!-- /speed-table -->\nafter\n")
+    assert "old table" not in text and "| M2.2.32.32 |" in text
+    assert not bench.write_readme(results, tmp_path / "results-other.json", readme)  # no markers for it: left alone
