@@ -90,8 +90,8 @@ ui: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info outputs multirun
 
-# The speed benchmark: the naive reference loop against the package's training path, alternating in one
-# process, for M2.2.32.32, M3.3.32.32 and M1.3.32.32 (a few minutes on 2 cores). Writes
+# The speed benchmark: the naive reference loop (in a worker process of its own) against the package's
+# training path, alternating, for M2.2.32.32, M3.3.32.32 and M1.3.32.32 (a few minutes on 2 cores). Writes
 # benchmarks/results.json and redraws README.md's speed table. E.g. BENCH_ARGS="--full-epoch" or
 # BENCH_ARGS="--threads 1 --out benchmarks/results-threads1.json".
 BENCH_ARGS ?=

@@ -6,17 +6,24 @@ For each model (M2.2.32.32, M3.3.32.32, M1.3.32.32 by default):
   loss, backward, step, loss.item()), with torch's default thread count;
 - package: fashioncnn.train.train() itself, with the package's default config (plus any --set overrides).
 Both start from the same initial weights. The package trains one run of short epochs of `steps`
-batches; after every epoch its on_epoch callback runs `steps` batches of the naive loop, so the two
-alternate in the same process. The first round is the warm-up. Images/s is taken per chunk; the table
-shows the medians and the median of the per-round ratios.
+batches; after every epoch its on_epoch callback has the naive loop run `steps` batches, so the two
+alternate, never running at the same time. The first round is the warm-up. Images/s is taken per
+chunk; the table shows the medians and the median of the per-round ratios.
+
+The naive loop runs in a worker process the script spawns (a fresh interpreter), the package's path in
+the script's own process. A tutorial's loop is its own process with glibc's default malloc, which hands
+every freed block over its dynamic mmap threshold back to the kernel and page-faults it in again on
+the next step (measured here: 4,457 faults and 14% of the CPU time in the kernel per M2.2.32.32 step,
+69,244 and 28% per M1.3.32.32 step). The package's reuse_memory changes malloc for its whole process, so
+in one process the naive loop would inherit it and be timed faster than any user runs it.
 
 Other processes: on a shared machine two threads on two cores wait for each other whenever another
 process takes a core, and a round can slow down 5x. The CPU time other processes used is measured
 for each chunk (/proc/stat minus this process); a round is quiet when they kept fewer than --quiet
 cores of the loops' cores busy. Rounds go on until --rounds quiet ones are in (or --max-minutes per
-model have passed: then all rounds count and the table says so). Process-wide settings the package
-makes (reuse_memory's malloc setting) apply to the naive loop too once made, so the ratio leaves
-their gain out; benchmarks/options.py, one process per variant, measures them.
+model have passed: then all rounds count and the table says so). Each process measures its own
+chunks; the script's process waits on a pipe while the worker runs. benchmarks/options.py measures
+one package option against another.
 
 The package's "epoch" here holds `steps` batches and its test pass 64 images, so its time is training
 steps (plus a few ms). Full-epoch seconds (train + test) are estimated as 60,000 / images/s plus a
@@ -36,6 +43,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -57,7 +65,7 @@ from fashioncnn.cli import config_groups, preflight, quote_numeric_group_options
 from fashioncnn.config import register_schema
 from fashioncnn.data import FILES, FashionMNIST, load, locate
 from fashioncnn.model import ModelSpec, build_model
-from fashioncnn.train import EpochMetrics, bf16_is_native, evaluate, relu_after_pool, resolve_device, train, use_bf16
+from fashioncnn.train import EpochMetrics, bf16_is_native, evaluate, resolve_device, train, training_network, use_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results.json"
@@ -210,6 +218,58 @@ class NaiveLoop:
         return time.perf_counter() - started
 
 
+def naive_worker(connection, name: str, root: str, seed: int, device: str, threads: int) -> None:
+    """Serve ("run", steps) and ("evaluate", None) requests for one model's naive loop until ("stop", None)."""
+    if threads:
+        torch.set_num_threads(threads)
+    loop = NaiveLoop(ModelSpec.from_name(name), Path(root), seed, torch.device(device))
+    connection.send("ready")
+    while True:
+        request, steps = connection.recv()
+        if request == "run":
+            before = cpu_snapshot()
+            images, seconds = loop.run(steps)
+            connection.send((images, seconds, foreign_load(before, cpu_snapshot())))
+        elif request == "evaluate":
+            connection.send(loop.evaluate())
+        else:
+            return
+
+
+class NaiveProcess:
+    """The naive loop in a spawned worker: a process of its own, with none of the package's process-wide settings."""
+
+    def __init__(self, name: str, root: Path, seed: int, device: torch.device, threads: int):
+        context = multiprocessing.get_context("spawn")  # not fork: a fresh interpreter and a pristine malloc
+        self.connection, theirs = context.Pipe()
+        self.process = context.Process(target=naive_worker, args=(theirs, name, str(root), seed, str(device), threads), daemon=True)
+        self.process.start()
+        theirs.close()
+        self._receive()  # "ready": the dataset is loaded and the model built
+
+    def _receive(self):
+        try:
+            return self.connection.recv()
+        except EOFError:
+            raise RuntimeError(f"the naive loop's worker process died (exit code {self.process.exitcode})") from None
+
+    def run(self, steps: int) -> tuple[int, float, float]:
+        """Train `steps` batches; return (images, seconds, cores other processes kept busy meanwhile)."""
+        self.connection.send(("run", steps))
+        return self._receive()
+
+    def evaluate(self) -> float:
+        self.connection.send(("evaluate", None))
+        return self._receive()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.connection.send(("stop", None))
+            self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
 # ------------------------------------------------------------------------------------- package path
 
 def package_config(spec: ModelSpec, overrides: list[str], epochs: int) -> DictConfig:
@@ -236,7 +296,7 @@ def package_eval_seconds(cfg: DictConfig, model: nn.Module, data: FashionMNIST, 
     images = data.test_images.to(device).contiguous(memory_format=memory_format)
     labels = data.test_labels.to(device)
     autocast = use_bf16(cfg, device)
-    network = relu_after_pool(model) if cfg.pool_before_relu else model
+    network = training_network(cfg, model, device)
     evaluate(network, images, labels, cfg.eval_batch_size, autocast)  # warm-up
     best = float("inf")
     for _ in range(2):  # the best of two: the least disturbed by other processes
@@ -256,7 +316,7 @@ def bench_model(name: str, args, data: FashionMNIST, root: Path, device: torch.d
     spec = ModelSpec.from_name(name)
     cfg = package_config(spec, args.set, epochs=args.max_rounds + 1)
     default_threads = torch.get_num_threads()
-    naive = NaiveLoop(spec, root, cfg.seed, device)
+    naive = NaiveProcess(name, root, cfg.seed, device, args.threads)
     torch.manual_seed(cfg.seed)
     model = build_model(spec)
     rounds: list[dict] = []
@@ -271,18 +331,12 @@ def bench_model(name: str, args, data: FashionMNIST, root: Path, device: torch.d
 
     def after_package_epoch(metrics: EpochMetrics) -> None:
         package_ended = cpu_snapshot()
-        # The package's threads setting (if any) is process-wide: the naive loop gets torch's default back.
-        package_threads = torch.get_num_threads()
-        torch.set_num_threads(default_threads)
-        naive_started = cpu_snapshot()
-        images, seconds = naive.run(args.steps)
-        naive_ended = cpu_snapshot()
-        torch.set_num_threads(package_threads)
+        images, seconds, others_cores_naive = naive.run(args.steps)
         rounds.append({
             "package": args.steps * BATCH / metrics.epoch_seconds,
             "naive": images / seconds,
             "others_cores_package": foreign_load(package_started[0], package_ended),
-            "others_cores_naive": foreign_load(naive_started, naive_ended),
+            "others_cores_naive": others_cores_naive,
         })
         quiet_count = sum(quiet(r) for r in rounds[1:])
         which = "warm-up" if len(rounds) == 1 else f"round {len(rounds) - 1} ({quiet_count}/{args.rounds} quiet)"
@@ -297,10 +351,14 @@ def bench_model(name: str, args, data: FashionMNIST, root: Path, device: torch.d
     started = time.perf_counter()
     package_started[0] = cpu_snapshot()
     try:
-        train(cfg, model, chunk_of(data, args.steps), device, on_epoch=after_package_epoch)
-    except EnoughRounds:
-        pass
-    bench_seconds = time.perf_counter() - started
+        try:
+            train(cfg, model, chunk_of(data, args.steps), device, on_epoch=after_package_epoch)
+        except EnoughRounds:
+            pass
+        bench_seconds = time.perf_counter() - started
+        naive_eval = min(naive.evaluate() for _ in range(2))
+    finally:
+        naive.close()
     # The first round is the warm-up. Rounds during which other processes kept the cores busy say more
     # about them than about either loop (two threads on two shared cores wait for each other): when
     # enough quiet rounds came, only those count; otherwise all rounds do, and the table says so.
@@ -314,7 +372,6 @@ def bench_model(name: str, args, data: FashionMNIST, root: Path, device: torch.d
     flops = train_flops_per_image(spec)
     package_eval = package_eval_seconds(cfg, model, data, device)
     torch.set_num_threads(default_threads)
-    naive_eval = min(naive.evaluate() for _ in range(2))
     result = {
         "model": name,
         "naive_img_s": round(naive_ips, 1),
@@ -409,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--steps", type=int, default=24, help="batches per timed chunk (default 24)")
-    parser.add_argument("--rounds", type=int, default=5, help="quiet naive/package alternations wanted per model, after a warm-up")
+    parser.add_argument("--rounds", type=int, default=9, help="quiet naive/package alternations wanted per model, after a warm-up")
     parser.add_argument("--max-rounds", type=int, default=20, help="alternations at most per model while waiting for quiet ones")
     parser.add_argument("--max-minutes", type=float, default=2, help="per model: stop waiting for quiet rounds after this long")
     parser.add_argument("--quiet", type=float, default=0.3,
@@ -456,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
             r["package_fraction_of_bf16_peak"] = round(r["package_gflop_s"] / peaks["bf16_gflop_s"], 4)
         print(f"matmul peak (best of start and end): {peaks['fp32_gflop_s']:.0f} GFLOP/s fp32, {peaks['bf16_gflop_s']:.0f} GFLOP/s bf16")
     defaults = OmegaConf.to_container(package_config(ModelSpec.from_name(MODELS[0]), args.set, 1), enum_to_str=True)
-    speed_keys = ["precision", "channels_last", "compile", "threads", "eval_batch_size", "optimizer_impl", "reuse_memory", "pool_before_relu"]
+    speed_keys = ["precision", "channels_last", "compile", "threads", "eval_batch_size", "optimizer_impl", "reuse_memory", "pool_before_relu", "weight_first_linear"]
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(device),

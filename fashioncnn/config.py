@@ -91,6 +91,7 @@ class Config:
     optimizer_impl: OptimizerImpl = OptimizerImpl.fused  # fused | foreach | loop (one kernel per tensor)
     reuse_memory: bool = True  # CPU: glibc keeps freed memory for the next step (no page faults)
     pool_before_relu: bool = True  # run each block's ReLU after its max-pool: same results, 1/4 of the ReLU work
+    weight_first_linear: Optional[int] = 1_000_000  # CPU: linear layers with at least this many weights run as W·xᵀ; null: none
     # Sweeps that never lose work (see README, "Sweeps that never lose work").
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     force: bool = False  # train even when a FINISHED run with the same effective config exists
@@ -118,6 +119,8 @@ _RULES: dict[str, tuple[Any, str]] = {
         f"null (all images) or an integer from 1 to {TRAIN_SET_SIZE}",
     ),
     "threads": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0: torch's default)"),
+    "weight_first_linear": (lambda v: v is None or (isinstance(v, int) and v >= 0),
+                            "null (off) or an integer >= 0 (the fewest weights a linear layer needs; 0: every layer)"),
     "device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
                "one of auto, cpu, cuda, cuda:N"),
     "experiment": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty name"),

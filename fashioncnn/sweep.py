@@ -36,7 +36,7 @@ from fashioncnn.tracking import (
 NOT_IN_FINGERPRINT = (
     "experiment", "tracking_uri", "data_dir", "device", "threads", "eval_batch_size",
     "compile", "channels_last", "force", "checkpoint_dir", "keep_checkpoint",
-    "optimizer_impl", "reuse_memory", "pool_before_relu",
+    "optimizer_impl", "reuse_memory", "pool_before_relu", "weight_first_linear",
 )
 
 

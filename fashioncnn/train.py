@@ -186,6 +186,41 @@ def relu_after_pool(model: nn.Module) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+class WeightFirstLinear(nn.Module):
+    """An nn.Linear computed as (W @ xᵀ)ᵀ + b instead of x @ Wᵀ + b: the same parameters and function.
+
+    At batch 64 with two or more threads, MKL splits 64 rows times a transposed weight badly between
+    its threads and a weight times 64 columns well: M1.3's 3136x6272 layer took 28 ms against 52 ms
+    forward, 28 against 53 ms for the input gradient (autograd takes the fast form too, because xᵀ is
+    made contiguous). On one thread both forms run alike, and small layers gain nothing.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_columns = x.t().contiguous()
+        if self.linear.bias is None:
+            return (self.linear.weight @ x_columns).t()
+        return torch.addmm(self.linear.bias[:, None], self.linear.weight, x_columns).t()
+
+
+def training_network(cfg: DictConfig, model: nn.Module, device: torch.device) -> nn.Module:
+    """The network train() and evaluate() run: `model`'s own layers and parameters, rearranged for speed.
+
+    The rearrangements compute the same function; `model` keeps the study's layout for state_dict,
+    printing and parameter counts.
+    """
+    network = relu_after_pool(model) if cfg.pool_before_relu else model
+    if cfg.weight_first_linear is None or device.type != "cpu" or not isinstance(network, nn.Sequential):
+        return network
+    return nn.Sequential(*(
+        WeightFirstLinear(layer) if isinstance(layer, nn.Linear) and layer.weight.numel() >= cfg.weight_first_linear else layer
+        for layer in network
+    ))
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, autocast: bool) -> tuple[float, float]:
     """Mean loss and accuracy over a whole split, in large batches."""
@@ -221,7 +256,7 @@ def train(
     data = data.to(device)
     train_images = data.train_images.contiguous(memory_format=memory_format)
     test_images = data.test_images.contiguous(memory_format=memory_format)
-    network = relu_after_pool(model) if cfg.pool_before_relu else model
+    network = training_network(cfg, model, device)
     step = torch.compile(network) if cfg.compile else network
     optimizer = make_optimizer(cfg, model)
     n_train, batch_size = len(train_images), cfg.batch_size

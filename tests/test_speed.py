@@ -14,7 +14,8 @@ from fashioncnn.cli import config_groups, preflight, quote_numeric_group_options
 from fashioncnn.config import ConfigError, register_schema
 from fashioncnn.data import FashionMNIST
 from fashioncnn.model import ModelSpec, build_model
-from fashioncnn.train import bf16_is_native, make_optimizer, relu_after_pool, reuse_freed_memory, train, use_bf16
+from fashioncnn.train import (WeightFirstLinear, bf16_is_native, make_optimizer, relu_after_pool, reuse_freed_memory, train,
+                              training_network, use_bf16)
 
 register_schema()
 CPU = torch.device("cpu")
@@ -48,14 +49,14 @@ SMALL = ["model.filter_in=8", "model.filter_out=8", "epochs=2", "device=cpu"]
 def test_speed_defaults():
     cfg = compose()
     assert (cfg.precision.value, cfg.channels_last, cfg.compile, cfg.threads, cfg.eval_batch_size) == ("fp32", True, False, 0, 1000)
-    assert (cfg.optimizer_impl.value, cfg.reuse_memory, cfg.pool_before_relu) == ("fused", True, True)
+    assert (cfg.optimizer_impl.value, cfg.reuse_memory, cfg.pool_before_relu, cfg.weight_first_linear) == ("fused", True, True, 1_000_000)
 
 
 def test_speed_options_compose_together():
     cfg = compose("precision=bf16", "channels_last=false", "compile=true", "threads=1", "eval_batch_size=250",
-                  "optimizer_impl=loop", "reuse_memory=false", "pool_before_relu=false")
+                  "optimizer_impl=loop", "reuse_memory=false", "pool_before_relu=false", "weight_first_linear=null")
     assert (cfg.precision.value, cfg.channels_last, cfg.compile, cfg.threads, cfg.eval_batch_size) == ("bf16", False, True, 1, 250)
-    assert (cfg.optimizer_impl.value, cfg.reuse_memory, cfg.pool_before_relu) == ("loop", False, False)
+    assert (cfg.optimizer_impl.value, cfg.reuse_memory, cfg.pool_before_relu, cfg.weight_first_linear) == ("loop", False, False, None)
 
 
 @pytest.mark.parametrize(
@@ -66,6 +67,8 @@ def test_speed_options_compose_together():
         ("channels_last=maybe", "channels_last=maybe: Value 'maybe' is not a valid bool"),
         ("threads=-1", "threads=-1: not allowed, must be an integer >= 0 (0: torch's default)"),
         ("eval_batch_size=0", "eval_batch_size=0: not allowed, must be an integer >= 1"),
+        ("weight_first_linear=-5", "weight_first_linear=-5: not allowed, must be null (off) or an integer >= 0"),
+        ("weight_first_linear=big", "weight_first_linear=big: Value 'big' of type 'str' could not be converted to Integer"),
     ],
 )
 def test_bad_speed_options_fail_in_one_line(arg, message):
@@ -125,6 +128,7 @@ def test_bf16_where_native_trains_under_autocast(monkeypatch):
         [],  # the defaults
         ["channels_last=false", "optimizer_impl=foreach", "reuse_memory=false", "eval_batch_size=7"],
         ["optimizer_impl=loop", "pool_before_relu=false"],
+        ["weight_first_linear=0"],  # every linear layer as W·xᵀ
     ],
 )
 def test_same_seed_same_metrics_with_speed_options(options):
@@ -149,6 +153,61 @@ def test_relu_after_pool_reorders_only_the_training_view():
     assert all(a is b for a, b in zip(model.parameters(), view.parameters()))
     x = torch.randn(4, 1, 28, 28)
     assert torch.equal(model(x), view(x))
+
+
+def test_weight_first_linear_wraps_only_the_large_layers_and_keeps_the_function():
+    model = build_model(ModelSpec.from_name("M1.3.32.32"))  # linear layers of 19.7M, 4.9M and 15,690 weights
+    network = training_network(compose("weight_first_linear=1000000"), model, CPU)
+    assert [type(layer).__name__ for layer in network if "Linear" in type(layer).__name__] == [
+        "WeightFirstLinear", "WeightFirstLinear", "Linear"]
+    assert all(a is b for a, b in zip(model.parameters(), network.parameters()))  # the same parameters, not copies
+    assert [type(layer).__name__ for layer in model][-1] == "Linear"  # the study's layout stays for state_dict
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    reference = relu_after_pool(model)
+    expected = reference(x)
+    torch.nn.functional.cross_entropy(expected, y).backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = network(x)
+    torch.nn.functional.cross_entropy(got, y).backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for grad, expected_grad in zip((p.grad for p in model.parameters()), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+    assert not any(isinstance(layer, WeightFirstLinear) for layer in training_network(compose("weight_first_linear=null"), model, CPU))
+
+
+def test_weight_first_linear_trains_to_the_same_metrics_up_to_rounding():
+    data = tiny_data(train_count=256)
+    every_layer = run(compose(*SMALL, "weight_first_linear=0"), data)
+    none = run(compose(*SMALL, "weight_first_linear=null"), data)
+    assert every_layer != [] and len(every_layer) == len(none)
+    for (train_loss, train_acc, test_loss, test_acc), expected in zip(every_layer, none):
+        assert (train_loss, test_loss) == pytest.approx((expected[0], expected[2]), rel=1e-3)
+        # float rounding may flip a borderline prediction: allow two of the 64 test images
+        assert (train_acc, test_acc) == pytest.approx((expected[1], expected[3]), abs=2 / 64)
+
+
+def test_bench_times_the_naive_loop_in_a_process_of_its_own(tiny_dataset, monkeypatch):
+    # The naive reference must run as a user's script runs: its own process, none of the package's
+    # process-wide settings (reuse_memory's malloc setting, made here as train() makes it).
+    import os
+
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the spawned worker imports bench by name
+    import bench
+
+    reuse_freed_memory()
+    root = bench.torchvision_root(str(tiny_dataset))
+    naive = bench.NaiveProcess("M3.3.32.32", root, seed=0, device=CPU, threads=1)
+    try:
+        assert naive.process.pid != os.getpid() and naive.process.is_alive()
+        images, seconds, others_cores = naive.run(2)  # 60 training images: one batch, then the loader starts again
+        assert images == 120 and seconds > 0 and others_cores >= 0
+        assert naive.evaluate() > 0
+    finally:
+        naive.close()
+    assert not naive.process.is_alive()
 
 
 def test_eval_batch_size_does_not_change_the_metrics_beyond_rounding():
@@ -179,7 +238,7 @@ def test_reuse_freed_memory_applies_on_glibc():
 def test_config_dump_names_every_speed_key():
     keys = OmegaConf.to_container(compose()).keys()
     assert {"precision", "channels_last", "compile", "threads", "eval_batch_size", "optimizer_impl", "reuse_memory",
-            "pool_before_relu"} <= set(keys)
+            "pool_before_relu", "weight_first_linear"} <= set(keys)
 
 
 def _bench_module():
