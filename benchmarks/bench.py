@@ -1,4 +1,4 @@
-"""`make bench`: the naive reference loop against the package's own training path, in one process.
+"""`make bench`: the naive reference loop against the package's own training path, in one run.
 
 For each model (M2.2.32.32, M3.3.32.32, M1.3.32.32 by default):
 - naive: torchvision's FashionMNIST with transforms.ToTensor(), DataLoader(batch_size=64, shuffle=True),
@@ -19,11 +19,11 @@ in one process the naive loop would inherit it and be timed faster than any user
 
 Other processes: on a shared machine two threads on two cores wait for each other whenever another
 process takes a core, and a round can slow down 5x. The CPU time other processes used is measured
-for each chunk (/proc/stat minus this process); a round is quiet when they kept fewer than --quiet
+for each chunk (/proc/stat minus the measuring process); a round is quiet when they kept fewer than --quiet
 cores of the loops' cores busy. Rounds go on until --rounds quiet ones are in (or --max-minutes per
 model have passed: then all rounds count and the table says so). Each process measures its own
-chunks; the script's process waits on a pipe while the worker runs. benchmarks/options.py measures
-one package option against another.
+chunks, and its minor page faults per step, which results.json keeps; the script's process waits on
+a pipe while the worker runs. benchmarks/options.py measures one package option against another.
 
 The package's "epoch" here holds `steps` batches and its test pass 64 images, so its time is training
 steps (plus a few ms). Full-epoch seconds (train + test) are estimated as 60,000 / images/s plus a
@@ -101,6 +101,11 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far: memory the kernel had to map (and zero) on first touch."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def cpu_snapshot() -> tuple[float, float, float]:
@@ -227,9 +232,9 @@ def naive_worker(connection, name: str, root: str, seed: int, device: str, threa
     while True:
         request, steps = connection.recv()
         if request == "run":
-            before = cpu_snapshot()
+            before, faults = cpu_snapshot(), page_faults()
             images, seconds = loop.run(steps)
-            connection.send((images, seconds, foreign_load(before, cpu_snapshot())))
+            connection.send((images, seconds, foreign_load(before, cpu_snapshot()), (page_faults() - faults) / steps))
         elif request == "evaluate":
             connection.send(loop.evaluate())
         else:
@@ -238,6 +243,8 @@ def naive_worker(connection, name: str, root: str, seed: int, device: str, threa
 
 class NaiveProcess:
     """The naive loop in a spawned worker: a process of its own, with none of the package's process-wide settings."""
+
+    TIMEOUT = 1800  # seconds one request may take (M1.3's naive chunk takes ~15 s on 2 cores)
 
     def __init__(self, name: str, root: Path, seed: int, device: torch.device, threads: int):
         context = multiprocessing.get_context("spawn")  # not fork: a fresh interpreter and a pristine malloc
@@ -249,12 +256,14 @@ class NaiveProcess:
 
     def _receive(self):
         try:
+            if not self.connection.poll(self.TIMEOUT):
+                raise RuntimeError(f"the naive loop's worker process did not answer within {self.TIMEOUT} s")
             return self.connection.recv()
         except EOFError:
             raise RuntimeError(f"the naive loop's worker process died (exit code {self.process.exitcode})") from None
 
-    def run(self, steps: int) -> tuple[int, float, float]:
-        """Train `steps` batches; return (images, seconds, cores other processes kept busy meanwhile)."""
+    def run(self, steps: int) -> tuple[int, float, float, float]:
+        """Train `steps` batches; return (images, seconds, cores other processes kept busy, page faults per step)."""
         self.connection.send(("run", steps))
         return self._receive()
 
@@ -263,11 +272,15 @@ class NaiveProcess:
         return self._receive()
 
     def close(self) -> None:
-        if self.process.is_alive():
+        try:
             self.connection.send(("stop", None))
             self.process.join(timeout=30)
+        except (BrokenPipeError, ConnectionResetError):  # it is gone already
+            pass
         if self.process.is_alive():
             self.process.kill()
+            self.process.join()
+        self.connection.close()
 
 
 # ------------------------------------------------------------------------------------- package path
@@ -321,6 +334,7 @@ def bench_model(name: str, args, data: FashionMNIST, root: Path, device: torch.d
     model = build_model(spec)
     rounds: list[dict] = []
     package_started = [cpu_snapshot()]
+    package_faults = [page_faults()]
 
     # Quiet: other processes left free the cores the loops use (all of them at torch's default threads).
     loop_threads = max(default_threads, cfg.threads or default_threads)
@@ -330,13 +344,15 @@ def bench_model(name: str, args, data: FashionMNIST, root: Path, device: torch.d
         return max(r["others_cores_package"], r["others_cores_naive"]) < spare_cores + args.quiet
 
     def after_package_epoch(metrics: EpochMetrics) -> None:
-        package_ended = cpu_snapshot()
-        images, seconds, others_cores_naive = naive.run(args.steps)
+        package_ended, package_faults_per_step = cpu_snapshot(), (page_faults() - package_faults[0]) / args.steps
+        images, seconds, others_cores_naive, naive_faults_per_step = naive.run(args.steps)
         rounds.append({
             "package": args.steps * BATCH / metrics.epoch_seconds,
             "naive": images / seconds,
             "others_cores_package": foreign_load(package_started[0], package_ended),
             "others_cores_naive": others_cores_naive,
+            "package_page_faults_per_step": package_faults_per_step,
+            "naive_page_faults_per_step": naive_faults_per_step,
         })
         quiet_count = sum(quiet(r) for r in rounds[1:])
         which = "warm-up" if len(rounds) == 1 else f"round {len(rounds) - 1} ({quiet_count}/{args.rounds} quiet)"
@@ -344,12 +360,12 @@ def bench_model(name: str, args, data: FashionMNIST, root: Path, device: torch.d
               f"(other processes used {rounds[-1]['others_cores_package']:.1f} / {rounds[-1]['others_cores_naive']:.1f} cores)", flush=True)
         if quiet_count >= args.rounds or (len(rounds) > args.rounds and time.perf_counter() - started > 60 * args.max_minutes):
             raise EnoughRounds
-        package_started[0] = cpu_snapshot()
+        package_started[0], package_faults[0] = cpu_snapshot(), page_faults()
 
     if cfg.threads:  # as fashioncnn/job.py does before train()
         torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
-    package_started[0] = cpu_snapshot()
+    package_started[0], package_faults[0] = cpu_snapshot(), page_faults()
     try:
         try:
             train(cfg, model, chunk_of(data, args.steps), device, on_epoch=after_package_epoch)
@@ -388,6 +404,8 @@ def bench_model(name: str, args, data: FashionMNIST, root: Path, device: torch.d
         "package_eval_seconds": round(package_eval, 2),
         "naive_eval_seconds": round(naive_eval, 2),
         "epoch_seconds_how": "estimated: 60000 / median img/s + one measured pass over the 10,000 test images",
+        "naive_page_faults_per_step": round(statistics.median(r["naive_page_faults_per_step"] for r in measured)),
+        "package_page_faults_per_step": round(statistics.median(r["package_page_faults_per_step"] for r in measured)),
         "quiet_below_cores": spare_cores + args.quiet,
         "quiet_rounds": sum(quiet(r) for r in rounds[1:]),
         "rounds_counted": len(measured),
@@ -500,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
             r = models[-1]
             print(f"{name}: naive {r['naive_img_s']:.0f} img/s, package {r['package_img_s']:.0f} img/s, speedup {r['speedup']:.2f}x "
                   f"(rounds {r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}), {r['package_gflop_s']:.1f} GFLOP/s, "
-                  f"epoch ~{r['naive_epoch_seconds']:.0f} s naive, ~{r['package_epoch_seconds']:.0f} s package", flush=True)
+                  f"epoch ~{r['naive_epoch_seconds']:.0f} s naive, ~{r['package_epoch_seconds']:.0f} s package, "
+                  f"page faults per step {r['naive_page_faults_per_step']:,} naive, {r['package_page_faults_per_step']:,} package", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     # A peak is a best case: measured again at the end, the higher figure stands (fractions follow it).

@@ -200,10 +200,12 @@ class WeightFirstLinear(nn.Module):
         self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_columns = x.t().contiguous()
+        x_columns = x.reshape(-1, x.shape[-1]).t().contiguous()  # like nn.Linear, any leading dimensions
         if self.linear.bias is None:
-            return (self.linear.weight @ x_columns).t()
-        return torch.addmm(self.linear.bias[:, None], self.linear.weight, x_columns).t()
+            y_columns = self.linear.weight @ x_columns
+        else:
+            y_columns = torch.addmm(self.linear.bias[:, None], self.linear.weight, x_columns)
+        return y_columns.t().reshape(*x.shape[:-1], -1)
 
 
 def training_network(cfg: DictConfig, model: nn.Module, device: torch.device) -> nn.Module:

@@ -156,24 +156,46 @@ def test_relu_after_pool_reorders_only_the_training_view():
 
 
 def test_weight_first_linear_wraps_only_the_large_layers_and_keeps_the_function():
-    model = build_model(ModelSpec.from_name("M1.3.32.32"))  # linear layers of 19.7M, 4.9M and 15,690 weights
+    torch.manual_seed(0)
+    model = build_model(ModelSpec.from_name("M1.3.32.32"))  # linear layers of 19.7M, 4.9M and 15,680 weights
     network = training_network(compose("weight_first_linear=1000000"), model, CPU)
     assert [type(layer).__name__ for layer in network if "Linear" in type(layer).__name__] == [
         "WeightFirstLinear", "WeightFirstLinear", "Linear"]
-    assert all(a is b for a, b in zip(model.parameters(), network.parameters()))  # the same parameters, not copies
+    assert list(map(id, network.parameters())) == list(map(id, model.parameters()))  # the same parameters, not copies
     assert [type(layer).__name__ for layer in model][-1] == "Linear"  # the study's layout stays for state_dict
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
-    reference = relu_after_pool(model)
-    expected = reference(x)
+    expected = relu_after_pool(model)(x)
     torch.nn.functional.cross_entropy(expected, y).backward()
     expected_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     got = network(x)
     torch.nn.functional.cross_entropy(got, y).backward()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    for grad, expected_grad in zip((p.grad for p in model.parameters()), expected_grads):
+    for grad, expected_grad in zip([p.grad for p in model.parameters()], expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
     assert not any(isinstance(layer, WeightFirstLinear) for layer in training_network(compose("weight_first_linear=null"), model, CPU))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(64, 300), (4, 16, 300)])
+def test_weight_first_linear_computes_w_times_x_transposed(bias, shape):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(300, 200, bias=bias)
+    x = torch.randn(*shape, requires_grad=True)
+    out = WeightFirstLinear(linear)(x)
+    # the product is W @ xᵀ, transposed back (then reshaped to x's leading dimensions), not nn.Linear's x @ Wᵀ
+    chain, node = [], out.grad_fn
+    while node is not None:
+        chain.append(node.name())
+        node = node.next_functions[0][0] if node.next_functions else None
+    assert chain[1:3] == ["TBackward0", "AddmmBackward0" if bias else "MmBackward0"], chain
+    expected_out = linear(x)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(expected_out)
+    got = torch.autograd.grad(out, [x, *linear.parameters()], grad)
+    expected = torch.autograd.grad(expected_out, [x, *linear.parameters()], grad)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_weight_first_linear_trains_to_the_same_metrics_up_to_rounding():
@@ -191,6 +213,7 @@ def test_bench_times_the_naive_loop_in_a_process_of_its_own(tiny_dataset, monkey
     # The naive reference must run as a user's script runs: its own process, none of the package's
     # process-wide settings (reuse_memory's malloc setting, made here as train() makes it).
     import os
+    import shutil
 
     from conftest import REPO
 
@@ -201,12 +224,14 @@ def test_bench_times_the_naive_loop_in_a_process_of_its_own(tiny_dataset, monkey
     root = bench.torchvision_root(str(tiny_dataset))
     naive = bench.NaiveProcess("M3.3.32.32", root, seed=0, device=CPU, threads=1)
     try:
-        assert naive.process.pid != os.getpid() and naive.process.is_alive()
-        images, seconds, others_cores = naive.run(2)  # 60 training images: one batch, then the loader starts again
-        assert images == 120 and seconds > 0 and others_cores >= 0
+        # spawned, not forked: a forked child would inherit this process's malloc setting
+        assert type(naive.process).__name__ == "SpawnProcess" and naive.process.pid != os.getpid()
+        images, seconds, others_cores, faults_per_step = naive.run(2)  # 60 training images: one batch, then the loader restarts
+        assert images == 120 and seconds > 0 and others_cores >= 0 and faults_per_step >= 0
         assert naive.evaluate() > 0
     finally:
         naive.close()
+        shutil.rmtree(root)
     assert not naive.process.is_alive()
 
 
