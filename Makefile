@@ -12,7 +12,7 @@ SWEEP ?= conv=2,3 epochs=1
 
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv data postgres sweep test ui server server-sqlite bench clean study study-report
+.PHONY: venv data postgres sweep test test-quick ui server server-sqlite bench clean study study-report
 
 venv: $(STAMP)
 
@@ -80,6 +80,10 @@ study-report: $(STAMP)
 
 test: $(STAMP) data postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The edit-test loop: every test not marked slow (under 2 minutes on 2 cores).
+test-quick: $(STAMP) data
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 ui: $(STAMP)
 	@mkdir -p $(STORE)

@@ -61,8 +61,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fashioncnn.cli import config_groups, preflight, quote_numeric_group_options
-from fashioncnn.config import register_schema
+from fashioncnn.config import register_schema, speed_keys
+from fashioncnn.preflight import jobs_of
 from fashioncnn.data import FILES, FashionMNIST, load, locate
 from fashioncnn.model import ModelSpec, build_model
 from fashioncnn.train import EpochMetrics, bf16_is_native, evaluate, resolve_device, train, training_network, use_bf16
@@ -289,8 +289,7 @@ def package_config(spec: ModelSpec, overrides: list[str], epochs: int) -> DictCo
     """The package's default config for this model, composed and validated exactly as the CLI does."""
     args = [f"model.conv={spec.conv}", f"model.lin={spec.lin}", f"model.filter_in={spec.filter_in}",
             f"model.filter_out={spec.filter_out}", f"epochs={epochs}", *overrides]
-    job = preflight(quote_numeric_group_options(args, config_groups()))[0]
-    return job[1] if isinstance(job, tuple) else job  # newer preflight() returns (overrides, config) pairs
+    return jobs_of(args)[0][1]
 
 
 def device_of(cfg: DictConfig) -> torch.device:
@@ -305,16 +304,16 @@ def chunk_of(data: FashionMNIST, steps: int) -> FashionMNIST:
 
 def package_eval_seconds(cfg: DictConfig, model: nn.Module, data: FashionMNIST, device: torch.device) -> float:
     """One test pass as train() runs it (its evaluate(), eval batch size, precision and memory format)."""
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.speed.channels_last else torch.contiguous_format
     images = data.test_images.to(device).contiguous(memory_format=memory_format)
     labels = data.test_labels.to(device)
     autocast = use_bf16(cfg, device)
     network = training_network(cfg, model, device)
-    evaluate(network, images, labels, cfg.eval_batch_size, autocast)  # warm-up
+    evaluate(network, images, labels, cfg.speed.eval_batch_size, autocast)  # warm-up
     best = float("inf")
     for _ in range(2):  # the best of two: the least disturbed by other processes
         started = time.perf_counter()
-        evaluate(network, images, labels, cfg.eval_batch_size, autocast)  # ends in .item(): synchronised
+        evaluate(network, images, labels, cfg.speed.eval_batch_size, autocast)  # ends in .item(): synchronised
         best = min(best, time.perf_counter() - started)
     return best
 
@@ -337,7 +336,7 @@ def bench_model(name: str, args, data: FashionMNIST, root: Path, device: torch.d
     package_faults = [page_faults()]
 
     # Quiet: other processes left free the cores the loops use (all of them at torch's default threads).
-    loop_threads = max(default_threads, cfg.threads or default_threads)
+    loop_threads = max(default_threads, cfg.speed.threads or default_threads)
     spare_cores = max(0, (os.cpu_count() or loop_threads) - loop_threads)
 
     def quiet(r: dict) -> bool:
@@ -362,8 +361,8 @@ def bench_model(name: str, args, data: FashionMNIST, root: Path, device: torch.d
             raise EnoughRounds
         package_started[0], package_faults[0] = cpu_snapshot(), page_faults()
 
-    if cfg.threads:  # as fashioncnn/job.py does before train()
-        torch.set_num_threads(cfg.threads)
+    if cfg.speed.threads:  # as fashioncnn/job.py does before train()
+        torch.set_num_threads(cfg.speed.threads)
     started = time.perf_counter()
     package_started[0], package_faults[0] = cpu_snapshot(), page_faults()
     try:
@@ -415,8 +414,8 @@ def bench_model(name: str, args, data: FashionMNIST, root: Path, device: torch.d
     }
     if args.full_epoch:
         full_cfg = package_config(spec, args.set, epochs=1)
-        if full_cfg.threads:
-            torch.set_num_threads(full_cfg.threads)
+        if full_cfg.speed.threads:
+            torch.set_num_threads(full_cfg.speed.threads)
         torch.manual_seed(full_cfg.seed)
         history = train(full_cfg, build_model(spec), data, device).history
         torch.set_num_threads(default_threads)
@@ -531,8 +530,8 @@ def main(argv: list[str] | None = None) -> None:
             r["package_fraction_of_fp32_peak"] = round(r["package_gflop_s"] / peaks["fp32_gflop_s"], 4)
             r["package_fraction_of_bf16_peak"] = round(r["package_gflop_s"] / peaks["bf16_gflop_s"], 4)
         print(f"matmul peak (best of start and end): {peaks['fp32_gflop_s']:.0f} GFLOP/s fp32, {peaks['bf16_gflop_s']:.0f} GFLOP/s bf16")
-    defaults = OmegaConf.to_container(package_config(ModelSpec.from_name(MODELS[0]), args.set, 1), enum_to_str=True)
-    speed_keys = ["precision", "channels_last", "compile", "threads", "eval_batch_size", "optimizer_impl", "reuse_memory", "pool_before_relu", "weight_first_linear"]
+    defaults = package_config(ModelSpec.from_name(MODELS[0]), args.set, 1)
+    options = {key: OmegaConf.select(defaults, key) for key in ["precision", *speed_keys()]}
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(device),
@@ -542,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "steps_per_chunk": args.steps,
         "rounds": args.rounds,
-        "package_options": ", ".join(f"{k}={defaults[k]}" for k in speed_keys if k in defaults).replace("True", "true").replace("False", "false"),
+        "package_options": ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in options.items()).replace("True", "true").replace("False", "false"),
         "overrides": args.set,
         "models": models,
     }

@@ -1,22 +1,26 @@
-"""One job of a sweep: skip it if it is done, else train it inside one MLflow run (new, or resumed).
+"""One job: train the model its config describes inside one MLflow run, new or resumed, as the plan decided.
 
-Within a -m sweep a failing job is a FAILED run with its error and traceback and the sweep goes on;
-the command's closing summary reports it and exits non-zero. A single run (no -m) raises as usual.
+The sweep's plan (sweep.py) has already validated the config and decided what this job does; the
+decision arrives in environment variables that Hydra sets for the job (`hydra.job.env_set`), in this
+process or in a launcher's worker on another machine. Within a -m sweep a failing job is a FAILED run
+with its error and traceback and the sweep goes on; a single run (no -m) raises as usual.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 
+import hydra
 import mlflow
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fashioncnn import sweep, tracking
-from fashioncnn.config import validate
+from fashioncnn import tracking
 from fashioncnn.data import load
 from fashioncnn.model import ModelSpec, build_model, count_parameters
 from fashioncnn.train import resolve_device, train
@@ -37,36 +41,41 @@ def handle_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def interrupted_exit_code(stop: KeyboardInterrupt) -> int:
+    print("interrupted: run the same command again to resume where it stopped", file=sys.stderr)
+    return 143 if isinstance(stop, Terminated) else 130
+
+
 def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+
+
+@hydra.main(config_path="pkg://fashioncnn.conf", config_name="config", version_base="1.3")
+def hydra_app(cfg: DictConfig) -> float | None:
+    """Hydra's task function: one job. Launched by sweep.run, never directly."""
+    return train_and_log(cfg)
 
 
 def train_and_log(cfg: DictConfig) -> float | None:
     """Train the model that `cfg` describes as one MLflow run; return its max test accuracy."""
     handle_sigterm()
-    validate(cfg)
+    if tracking.EXPERIMENT_ID_ENV not in os.environ:
+        raise RuntimeError("a fashioncnn job runs as part of a plan: start it with python -m fashioncnn")
     spec = ModelSpec.from_config(cfg.model)
-    fingerprint = sweep.fingerprint(cfg)
-    runs = sweep.Store(cfg).runs_of(fingerprint)
-    done = None if cfg.force else sweep.finished_run(runs)
-    if done is not None:
-        log.info("%s: skipped, already FINISHED as run %s (force=true trains it again)", spec.name, done.info.run_id)
-        return done.data.metrics.get("max_test_acc")
-    resume = sweep.resumable_run(runs, cfg)
-
+    resume_run_id = os.environ.get(tracking.RESUME_RUN_ENV)
     # The run starts before anything that can fail on this machine (device, data), so a failure is a
     # FAILED run with its error in MLflow, not just a traceback in a terminal.
-    run = tracking.start_run(cfg, spec.name, fingerprint, resume_run_id=resume.info.run_id if resume else None)
-    checkpoint = sweep.checkpoint_path(cfg, run.info.run_id)
+    run = tracking.start_run(cfg, spec.name, os.environ[tracking.FINGERPRINT_ENV], os.environ[tracking.EXPERIMENT_ID_ENV], resume_run_id)
+    checkpoint = tracking.checkpoint_path(cfg, run.info.run_id)
     try:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        if cfg.speed.threads:
+            torch.set_num_threads(cfg.speed.threads)
         device = resolve_device(cfg.device, HydraConfig.get().job.num if _in_sweep() else None)
         data = load(cfg.data_dir, subset=cfg.subset)
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
         model = build_model(spec)
         param_count = count_parameters(model)
-        if resume is None:
+        if resume_run_id is None:
             mlflow.log_param("param_count", param_count)
         log.info("%s: %s parameters, %d training images from %s, device %s",
                  spec.name, f"{param_count:,}", len(data.train_labels), data.source, device)
@@ -85,7 +94,7 @@ def train_and_log(cfg: DictConfig) -> float | None:
 
     tracking.log_summary(result, param_count)
     if result.diverged:
-        mlflow.set_tags({"diverged": "true", "diverged_reason": result.diverged})
+        mlflow.set_tags({tracking.DIVERGED_TAG: "true", "diverged_reason": result.diverged})
     if cfg.keep_checkpoint and checkpoint.exists():
         mlflow.log_artifact(str(checkpoint))
     checkpoint.unlink(missing_ok=True)

@@ -29,14 +29,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+from fashioncnn.config import LEGACY_SPEED_KEYS, not_learned_keys
 from fashioncnn.results import (
-    DEFAULT_METRIC, PARENT_TAG, SWEEP_TAG, ResultsError, check_metric, is_diverged, lower_is_better, mask, metric,
-    param_value, select, tracking_uri,
+    DEFAULT_METRIC, ResultsError, check_metric, is_diverged, lower_is_better, mask, metric, param_value, rank, select,
+    tracking_uri,
 )
+from fashioncnn.tracking import PARENT_TAG, SWEEP_TAG
 
 CURVES = ("test_acc", "train_loss", "test_loss")
-# Params that do not make two runs different configs: seeds are what the seeds table averages over.
-NOT_CONFIG = {"seed", "tracking_uri", "data_dir", "experiment", "param_count", "device", "threads"}
+
+
+def not_config(param: str) -> bool:
+    """Params that do not make two runs different configs: where and how fast they ran, the parameter count,
+    and the seed (what the seeds table averages over)."""
+    top = param.split(".", 1)[0]
+    return top in not_learned_keys() or top in LEGACY_SPEED_KEYS or param in ("seed", "param_count")
 # The order in which params are named to tell runs of the same model apart.
 DISTINGUISHING = ("optim.lr", "epochs", "seed", "subset", "batch_size", "optim.name")
 CSV_FIELDS = [
@@ -141,7 +148,7 @@ def label_runs(rows: list[Row], skip: set[str] = frozenset()) -> list[str]:
     labels = []
     for row in rows:
         twins = [r for r in rows if r.model == row.model]
-        keys = sorted({k for r in twins for k in r.params if k not in NOT_CONFIG - {"seed"} and k not in skip
+        keys = sorted({k for r in twins for k in r.params if (k == "seed" or not not_config(k)) and k not in skip
                        and len({t.params.get(k) for t in twins}) > 1},
                       key=lambda k: (DISTINGUISHING.index(k) if k in DISTINGUISHING else len(DISTINGUISHING), k))
         labels.append(" ".join([row.model, *(f"{k.rsplit('.', 1)[-1]}={row.params.get(k)}" for k in keys)]))
@@ -232,7 +239,7 @@ def by_config(rows: list[Row], metric_name: str) -> list[ConfigSummary]:
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
         if row.run.info.status == "FINISHED":
-            key = tuple(sorted((k, v) for k, v in row.params.items() if k not in NOT_CONFIG))
+            key = tuple(sorted((k, v) for k, v in row.params.items() if not not_config(k)))
             groups.setdefault(key, []).append(row)
     if not any(len(members) > 1 for members in groups.values()):
         return []
@@ -367,12 +374,9 @@ def load_rows(client: Any, runs: list[Any]) -> list[Row]:
 
 
 def rank_rows(rows: list[Row], metric_name: str, lowest_first: bool | None) -> list[Row]:
-    low = lower_is_better(metric_name) if lowest_first is None else lowest_first
-    scored = [r for r in rows if not math.isnan(_num(r.value(metric_name)))]
-    rest = [r for r in rows if math.isnan(_num(r.value(metric_name)))]
-    ordered = sorted(scored, key=lambda r: _num(r.value(metric_name)), reverse=not low) + rest
+    ordered = rank(rows, metric_name, lowest_first, score=lambda r: _num(r.value(metric_name)))
     for index, row in enumerate(ordered, 1):
-        row.rank, row.best = index, index == 1 and bool(scored)
+        row.rank, row.best = index, index == 1 and not math.isnan(_num(row.value(metric_name)))
     for row, label in zip(ordered, label_runs(ordered)):
         row.label = label
     return ordered

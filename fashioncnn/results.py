@@ -5,29 +5,25 @@ tag every job of one `-m` command carries), or a run id (a sweep's parent run, t
 `fashioncnn.role=parent`, or one job's run). Parent runs are bookkeeping, never rows of a table.
 Runs from before parent runs existed have only `sweep_id`; both kinds resolve the same way.
 
-Kept free of torch (tracking.py imports the training loop), so reports start quickly.
+Ranking lives here (`rank`): report, retrain and the registry order runs with it. Kept free of torch,
+so reports start quickly.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fashioncnn.tracking import mask_secrets
+from fashioncnn.tracking import DIVERGED_TAG, PARENT_TAG, ROLE_TAG, SWEEP_TAG, mask_secrets, resolve_tracking_uri, sqlite_path
 
-ROLE_TAG = "fashioncnn.role"
-PARENT_TAG = "mlflow.parentRunId"
-SWEEP_TAG = "sweep_id"
-DIVERGED_TAG = "diverged"
 DEFAULT_METRIC = "max_test_acc"
+T = TypeVar("T")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -44,9 +40,10 @@ def tracking_uri(requested: str | None = None) -> str:
 
     A local sqlite store that does not exist is an error here: MLflow would create an empty one.
     """
-    uri = requested or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns/mlflow.db').resolve()}"
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        raise ResultsError(f"no MLflow store at {uri[len('sqlite:///'):]}: run a sweep first, or name the store "
+    uri = resolve_tracking_uri(requested=requested)
+    path = sqlite_path(uri)
+    if path is not None and not path.exists():
+        raise ResultsError(f"no MLflow store at {path}: run a sweep first, or name the store "
                            "with --tracking-uri or MLFLOW_TRACKING_URI")
     return uri
 
@@ -153,12 +150,17 @@ def metric(run: Run, name: str) -> float:
     return math.nan if value is None else float(value)
 
 
-def rank(runs: list[Run], name: str, lowest_first: bool | None = None) -> list[Run]:
-    """Best first by a metric (accuracies highest first, losses and times lowest first); runs without it last."""
+def rank(items: Iterable[T], name: str, lowest_first: bool | None = None, score: Callable[[T], float] | None = None) -> list[T]:
+    """Best first by `name` (accuracies highest first, losses and times lowest first); those without a value last.
+
+    Runs are scored by their metric `name`; anything else (a report row) by `score`. The one ranking of the package.
+    """
     low = lower_is_better(name) if lowest_first is None else lowest_first
-    with_metric = [r for r in runs if not math.isnan(metric(r, name))]
-    without = [r for r in runs if math.isnan(metric(r, name))]
-    return sorted(with_metric, key=lambda r: metric(r, name), reverse=not low) + without
+    value = score or (lambda run: metric(run, name))  # type: ignore[arg-type, return-value]
+    items = list(items)
+    scored = [item for item in items if not math.isnan(value(item))]
+    without = [item for item in items if math.isnan(value(item))]
+    return sorted(scored, key=value, reverse=not low) + without
 
 
 def check_metric(runs: list[Run], name: str, where: str) -> None:

@@ -11,9 +11,9 @@ the overrides multiplies: every pick with every value).
 How a config is replayed: each picked run becomes an option of a config group `retrained_from`,
 written to a temporary directory on Hydra's search path (`hydra.searchpath`), and the sweep is
 `+retrained_from='<run id>','<run id>',...`. An option holds the run's config group choices (conv,
-lin, channels, lr, from its group.* tags) as defaults-list overrides, and every other value of its
-config.yaml artifact except tracking_uri (the store is the one read from) and experiment (default
-`<experiment>-retrain`). Values the group choices set are left to the groups, so `lr=0.001` on the
+lin, channels, lr, from its group.* tags) as defaults-list overrides, and every value of its
+config.yaml artifact that changes what a run learns (config.not_learned_keys: where it logged, on which
+device, how fast, stay this machine's; the experiment defaults to `<experiment>-retrain`). Values the group choices set are left to the groups, so `lr=0.001` on the
 command line changes the learning rate as it does anywhere else. Each new run is tagged
 `retrained_from=<run id>` (and `group.retrained_from`), and `hydra.overrides` shows the pick.
 """
@@ -29,6 +29,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from fashioncnn import overrides as ov
+from fashioncnn import sources
+from fashioncnn.config import LEGACY_SPEED_KEYS, not_learned_keys
 from fashioncnn.tracking import flatten
 from fashioncnn.results import (
     DEFAULT_METRIC, ResultsError, check_metric, is_diverged, lower_is_better, mask, metric, param_value, rank, select,
@@ -36,7 +39,8 @@ from fashioncnn.results import (
 )
 
 GROUP = "retrained_from"
-NOT_CARRIED = {"tracking_uri", "experiment"}
+# Where and how fast the run went is this machine's business (runs before 0.2 had the speed keys at the top).
+NOT_CARRIED = {*not_learned_keys(), *LEGACY_SPEED_KEYS}
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,8 +91,8 @@ class GroupChoices:
         from hydra.core.global_hydra import GlobalHydra
         from omegaconf import OmegaConf
 
-        from fashioncnn.cli import CONFIG_MODULE, CONFIG_NAME
         from fashioncnn.config import register_schema
+        from fashioncnn.preflight import CONFIG_MODULE, CONFIG_NAME
 
         register_schema()
         self._compose = lambda overrides: dict(flatten(OmegaConf.to_container(
@@ -100,7 +104,7 @@ class GroupChoices:
         loader = GlobalHydra.instance().config_loader()
         self.owned: set[str] = set()
         for group in self.groups:
-            flats = [self._compose([f"{group}='{option}'"]) for option in loader.get_group_options(group)]
+            flats = [self._compose([ov.group_override(group, [option])]) for option in loader.get_group_options(group)]
             self.owned |= {key for key in flats[0] if len({repr(f.get(key)) for f in flats}) > 1}
 
     def close(self) -> None:
@@ -112,12 +116,12 @@ class GroupChoices:
 
         choices = {g: run.data.tags[f"group.{g}"] for g in self.groups if f"group.{g}" in run.data.tags}
         try:
-            from_groups = self._compose([f"{g}='{o}'" for g, o in choices.items()])
+            from_groups = self._compose([ov.group_override(g, [o]) for g, o in choices.items()])
         except Exception as error:
             raise ResultsError(f"run {run.info.run_id}: its config group choices {choices} no longer compose: "
                                f"{str(error).splitlines()[0]}") from error
         body = {key: value for key, value in config.items()
-                if key not in NOT_CARRIED and not (key in self.owned and from_groups.get(key) == value)}
+                if key.split(".", 1)[0] not in NOT_CARRIED and not (key in self.owned and from_groups.get(key) == value)}
         lines = ["# @package _global_", f"# Written by fashioncnn.retrain: {note}", "defaults:"]
         lines += [f'  - override /{group}: "{option}"' for group, option in choices.items()]
         return "\n".join(lines if choices else lines[:-1]) + "\n" + OmegaConf.to_yaml(OmegaConf.create(_nest(body)))
@@ -158,8 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 choices.close()
             experiment = client.get_experiment(picked[0].info.experiment_id).name
             command = [sys.executable, "-m", "fashioncnn", "-m",
-                       f"+{GROUP}=" + ",".join(f"'{run.info.run_id}'" for run in picked),
-                       f"hydra.searchpath=['file://{Path(scratch).resolve()}']"]
+                       *sources.with_search_path([ov.group_override(f"+{GROUP}", [run.info.run_id for run in picked])],
+                                                 [Path(scratch).resolve()])]
             if not any(o.lstrip("+~").split("=", 1)[0] == "experiment" for o in args.overrides):
                 command.append(f"experiment={experiment}-retrain")
             command += args.overrides

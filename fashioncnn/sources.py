@@ -72,6 +72,17 @@ def group_names(dirs: Sequence[Path] = ()) -> set[str]:
     return names
 
 
+def group_options(dirs: Sequence[Path] = ()) -> dict[str, list[str]]:
+    """Each config group's option names, from the built-in conf/ and the team directories (what Hydra's glob sees)."""
+    options: dict[str, set[str]] = {}
+    roots: list[Traversable] = [builtin_root(), *(d for d in dirs if d.is_dir())]  # type: ignore[list-item]
+    for root in roots:
+        for path in _option_files(root):
+            group, _, name = path.rpartition("/")
+            options.setdefault(group, set()).add(name[: -len(".yaml")])
+    return {group: sorted(names) for group, names in options.items()}
+
+
 def _option_files(root: Traversable, prefix: str = "") -> set[str]:
     found = set()
     for entry in root.iterdir():

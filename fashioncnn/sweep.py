@@ -1,10 +1,18 @@
-"""Sweeps that never lose work: which jobs are already done, the parent run, and the closing summary.
+"""A command's life, from its overrides to its exit code: plan, parent run, launch, summary.
 
-Everything here reads and writes the MLflow store, never launcher state, so it holds whichever Hydra
-launcher ran the jobs (in this process, joblib workers, submitit). A job's identity is the
-fingerprint of its effective config: the resolved config minus the keys that do not change what it
-trains (where it logs, on which device, how fast). A FINISHED run with the same fingerprint in the
-same experiment makes re-running the job unnecessary; an unfinished one with a checkpoint resumes.
+1. `plan()`: every job is composed and validated once (preflight.py), and what it will do is decided
+   once, from one read of the tracking store: skip (a FINISHED run with the same effective config
+   exists), resume (an unfinished run left a checkpoint) or train. Planning only reads; `--dry-run`
+   prints the plan and stops there.
+2. `run()`: creates the store and experiments, opens the sweep's parent run (-m), and has Hydra launch
+   the jobs still to do (hydra_plugins/.../plan_sweeper.py), each with its decision in
+   `hydra.job.env_set`, so a job in any process or on any machine acts on it without looking again.
+3. The closing summary, read back from the store whoever ran the jobs, on the parent run and in the
+   terminal; the exit code.
+
+A job's identity is the fingerprint of its effective config: the resolved config minus the keys the
+schema marks as not changing what a run learns (config.not_learned_keys: where it logs, on which
+device, how fast).
 """
 
 from __future__ import annotations
@@ -13,71 +21,48 @@ import csv
 import hashlib
 import io
 import json
-import os
+import sys
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Mapping, Sequence
 
 from mlflow.entities import Run, RunStatus
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from fashioncnn import overrides as ov
+from fashioncnn import preflight, tracking
+from fashioncnn.config import ConfigError, not_learned_keys
 from fashioncnn.model import ModelSpec
-from fashioncnn.tracking import (
-    PARENT_RUN_ENV,
-    ROLE_TAG,
-    SWEEP_ID_ENV,
-    mask_secrets,
-    prepare_store,
-    resolve_tracking_uri,
-    runs_with_fingerprint,
-)
+from fashioncnn.tracking import mask_secrets
 
-NOT_IN_FINGERPRINT = (
-    "experiment", "tracking_uri", "data_dir", "device", "threads", "eval_batch_size",
-    "compile", "channels_last", "force", "checkpoint_dir", "keep_checkpoint",
-    "optimizer_impl", "reuse_memory", "pool_before_relu", "weight_first_linear",
-)
+class StoreError(ConfigError):
+    """The tracking store cannot be read or written; one line naming it and why."""
 
 
 def fingerprint(cfg: DictConfig) -> str:
     content = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(content, dict)
-    for key in NOT_IN_FINGERPRINT:
+    for key in not_learned_keys():
         content.pop(key, None)
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def checkpoint_path(cfg: DictConfig, run_id: str) -> Path:
-    return Path(cfg.checkpoint_dir) / f"{run_id}.pt"
-
-
-def finished_run(runs: list[Run]) -> Run | None:
-    return next((run for run in runs if run.info.status == "FINISHED"), None)
-
-
-def resumable_run(runs: list[Run], cfg: DictConfig) -> Run | None:
-    """The newest unfinished run of this config that left a checkpoint behind."""
-    for run in runs:
-        if run.info.status != "FINISHED" and checkpoint_path(cfg, run.info.run_id).exists():
-            return run
-    return None
-
-
 @dataclass
 class PlannedJob:
-    overrides: list[str]
+    index: int
+    overrides: list[str]  # as Hydra launches it
     cfg: DictConfig
     fingerprint: str
     model_name: str
-    done: Run | None  # a FINISHED run: the job will be skipped
+    tracking_uri: str
+    done: Run | None  # a FINISHED run: the job is not launched
     resume: Run | None  # an unfinished run with a checkpoint: the job resumes it
 
     @property
     def command(self) -> str:
         # Launcher settings (hydra/...) say how a job ran, not what it trained.
         chosen = [o for o in self.overrides if not o.lstrip("+~").startswith("hydra")]
-        return mask_secrets(" ".join(chosen).replace("'", "").replace("\\", "")) or "(defaults)"
+        return mask_secrets(ov.display_all(chosen)) or "(defaults)"
 
     @property
     def action(self) -> str:
@@ -88,78 +73,188 @@ class PlannedJob:
         return "train"
 
 
-class Store:
-    """One tracking store and experiment, as the jobs of a sweep see them."""
+@dataclass
+class Plan:
+    args: list[str]  # the command line as Hydra gets it (group options quoted, team directories on the search path)
+    typed: list[str]  # the command line as the user typed it
+    multirun: bool
+    jobs: list[PlannedJob]
 
-    def __init__(self, cfg: DictConfig) -> None:
-        self.tracking_uri = resolve_tracking_uri(cfg)
-        self.client = MlflowClient(self.tracking_uri)
-        self.experiment_id = prepare_store(self.tracking_uri, cfg.experiment)
+    @property
+    def to_run(self) -> list[PlannedJob]:
+        return [job for job in self.jobs if job.done is None]
 
-    def runs_of(self, fingerprint_: str) -> list[Run]:
-        return runs_with_fingerprint(self.client, self.experiment_id, fingerprint_)
+    def describe(self) -> str:
+        lines = [f"#{job.index} {job.model_name:<12} {job.command}: {job.action}" for job in self.jobs]
+        skipped = sum(job.done is not None for job in self.jobs)
+        resumed = sum(job.resume is not None for job in self.jobs)
+        lines.append(f"{len(self.jobs)} jobs: {len(self.jobs) - skipped - resumed} to train, {resumed} to resume, "
+                     f"{skipped} already finished")
+        return "\n".join(lines)
 
 
-def plan(jobs: list[tuple[list[str], DictConfig]]) -> list[PlannedJob]:
-    planned, stores = [], {}
-    for overrides, cfg in jobs:
-        key = (resolve_tracking_uri(cfg), cfg.experiment)
-        store = stores.setdefault(key, Store(cfg))
+def _store_error(uri: str, experiment: str, error: Exception) -> StoreError:
+    reason = mask_secrets(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    return StoreError(f"tracking store {mask_secrets(uri)} (experiment {experiment!r}) cannot be used: {reason}")
+
+
+def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequence[str]]) -> Plan:
+    """Compose, validate and decide every job; reads the store, writes nothing. ConfigError (one line) if any job is bad."""
+    jobs = preflight.compose_jobs(args, options)
+    known: dict[tuple[str, str], dict[str, list[Run]]] = {}
+    planned = []
+    for index, (overrides, cfg) in enumerate(jobs):
+        uri = tracking.resolve_tracking_uri(cfg)
+        if (uri, cfg.experiment) not in known:
+            try:
+                store = tracking.store(uri)
+                experiment_id = store.experiment_id(cfg.experiment)
+                known[uri, cfg.experiment] = store.runs_by_fingerprint(experiment_id) if experiment_id else {}
+            except Exception as error:
+                raise _store_error(uri, cfg.experiment, error) from error
         fp = fingerprint(cfg)
-        runs = store.runs_of(fp)
-        done = None if cfg.force else finished_run(runs)
-        resume = None if done else resumable_run(runs, cfg)
-        planned.append(PlannedJob(overrides, cfg, fp, ModelSpec.from_config(cfg.model).name, done, resume))
-    return planned
+        runs = known[uri, cfg.experiment].get(fp, [])
+        done = None if cfg.force else next((r for r in runs if r.info.status == "FINISHED"), None)
+        resume = None if done else next(
+            (r for r in runs if r.info.status != "FINISHED" and tracking.checkpoint_path(cfg, r.info.run_id).exists()), None)
+        planned.append(PlannedJob(index, overrides, cfg, fp, ModelSpec.from_config(cfg.model).name, uri, done, resume))
+    _, multirun = ov.split_flags(args)
+    return Plan(list(args), list(typed), multirun, planned)
 
 
-def describe_plan(planned: list[PlannedJob]) -> str:
-    lines = [f"#{i} {job.model_name:<12} {job.command}: {job.action}" for i, job in enumerate(planned)]
-    skipped = sum(job.done is not None for job in planned)
-    resumed = sum(job.resume is not None for job in planned)
-    lines.append(f"{len(planned)} jobs: {len(planned) - skipped - resumed} to train, {resumed} to resume, {skipped} already finished")
-    return "\n".join(lines)
+# ------------------------------------------------------------------------------------------- launching
+
+_launch_list: list[list[str]] | None = None
+
+
+def launch_list() -> list[list[str]]:
+    """The jobs the current sweep launches (for the plan sweeper), each with its decision in hydra.job.env_set."""
+    if _launch_list is None:
+        raise RuntimeError("hydra/sweeper=fashioncnn launches the jobs of a fashioncnn plan: run sweeps with python -m fashioncnn -m ...")
+    return _launch_list
+
+
+def decision(job: PlannedJob, experiment_id: str, sweep_id: str | None = None, parent_run_id: str | None = None) -> list[str]:
+    """What the job must do, as environment variables Hydra sets for it (in this process or a worker's)."""
+    env = {tracking.EXPERIMENT_ID_ENV: experiment_id, tracking.FINGERPRINT_ENV: job.fingerprint}
+    if job.resume is not None:
+        env[tracking.RESUME_RUN_ENV] = job.resume.info.run_id
+    if sweep_id and parent_run_id:
+        env[tracking.SWEEP_ID_ENV], env[tracking.PARENT_RUN_ENV] = sweep_id, parent_run_id
+    return [f"++hydra.job.env_set.{key}={ov.quote(value)}" for key, value in env.items()]
+
+
+def _hydra(argv: list[str]) -> None:
+    """Run fashioncnn's Hydra app (job.hydra_app) with these arguments, in this process."""
+    from hydra.core.plugins import Plugins
+
+    from fashioncnn.config import register_schema
+    from fashioncnn.job import hydra_app
+    from hydra_plugins.fashioncnn_plugins.plan_sweeper import PlanSweeper
+
+    # An editable install hides the plugin from Hydra's scan of hydra_plugins; registering is idempotent.
+    Plugins.instance().register(PlanSweeper)
+    register_schema()
+    sys.argv = [sys.argv[0], *argv]
+    hydra_app()
+
+
+def show(args: list[str]) -> None:
+    """--help, --cfg job and the like: Hydra answers them, nothing is planned or trained."""
+    _hydra(args)
+
+
+def _experiment_ids(plan: Plan) -> dict[tuple[str, str], str]:
+    """Create the stores and experiments the jobs need, once, here in the launching process."""
+    ids = {}
+    for job in plan.jobs:
+        key = (job.tracking_uri, job.cfg.experiment)
+        if key not in ids:
+            try:
+                ids[key] = tracking.store(job.tracking_uri).experiment_id(job.cfg.experiment, create=True)
+            except Exception as error:
+                raise _store_error(*key, error) from error
+    return ids  # type: ignore[return-value]
+
+
+def run(plan: Plan) -> int:
+    """Train what the plan says; returns the exit code (0 all done, 1 a job failed, 130/143 interrupted)."""
+    global _launch_list
+    from fashioncnn.job import handle_sigterm, interrupted_exit_code
+
+    experiment_ids = _experiment_ids(plan)
+    handle_sigterm()
+    if not plan.multirun:
+        job = plan.jobs[0]
+        if job.done is not None:
+            print(f"{job.model_name}: skipped, already FINISHED as run {job.done.info.run_id} (force=true trains it again)")
+            return 0
+        try:
+            _hydra(plan.args + decision(job, experiment_ids[job.tracking_uri, job.cfg.experiment]))
+        except KeyboardInterrupt as stop:
+            return interrupted_exit_code(stop)
+        return 0
+
+    first = plan.jobs[0]
+    parent = ParentRun(plan, tracking.store(first.tracking_uri), experiment_ids[first.tracking_uri, first.cfg.experiment])
+    _launch_list = [job.overrides + decision(job, experiment_ids[job.tracking_uri, job.cfg.experiment], parent.sweep_id, parent.run_id)
+                    for job in plan.to_run]
+    print(f"sweep {parent.sweep_id}: {len(plan.jobs)} jobs, {len(plan.jobs) - len(plan.to_run)} already finished"
+          + (" (re-attached to its parent run)" if parent.reattached else ""), flush=True)
+    interrupted = None
+    try:
+        _hydra(plan.args)
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM
+        interrupted = stop
+        parent.kill_unfinished_jobs()
+    except SystemExit:  # Hydra reports a launcher failure itself and exits; the summary still follows
+        pass
+    finally:
+        _launch_list = None
+    rows = summarize(plan, parent.sweep_id, experiment_ids)
+    failed = any(row["status"] in FAILED_STATUSES for row in rows)
+    parent.close(rows, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
+    print(f"\nsweep {parent.sweep_id} (parent run {parent.run_id}):", flush=True)
+    print(summary_text(rows), flush=True)
+    if interrupted:
+        return interrupted_exit_code(interrupted)
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------------- parent run
 
 
 class ParentRun:
     """The sweep's parent run. The same sweep run again (same jobs) re-attaches to the same parent."""
 
-    def __init__(self, planned: list[PlannedJob], command: list[str]) -> None:
-        first = planned[0].cfg
-        self.store = Store(first)
+    def __init__(self, plan: Plan, store: tracking.Store, experiment_id: str) -> None:
+        self.store, self.experiment_id = store, experiment_id
         self.sweep_fingerprint = hashlib.sha256(
-            json.dumps(sorted(job.fingerprint for job in planned)).encode()
+            json.dumps(sorted(job.fingerprint for job in plan.jobs)).encode()
         ).hexdigest()[:16]
-        earlier = self.store.client.search_runs(
-            [self.store.experiment_id],
-            filter_string=f"tags.`{ROLE_TAG}` = 'parent' and tags.sweep_fingerprint = '{self.sweep_fingerprint}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
+        earlier = store.search(experiment_id, f"tags.`{tracking.ROLE_TAG}` = 'parent' and "
+                                              f"tags.sweep_fingerprint = '{self.sweep_fingerprint}'")
         if earlier:
             self.run_id = earlier[0].info.run_id
-            self.sweep_id = earlier[0].data.tags["sweep_id"]
-            self.store.client.update_run(self.run_id, status="RUNNING")
+            self.sweep_id = earlier[0].data.tags[tracking.SWEEP_TAG]
+            store.client.update_run(self.run_id, status="RUNNING")
             self.reattached = True
         else:
             self.sweep_id = uuid.uuid4().hex[:12]
-            text = mask_secrets(" ".join(command).replace("'", ""))
-            run = self.store.client.create_run(
-                self.store.experiment_id,
+            typed = [arg for arg in plan.typed if arg not in ov.MULTIRUN_FLAGS]
+            run = store.client.create_run(
+                experiment_id,
                 run_name=f"sweep {self.sweep_id}",
                 tags={
-                    ROLE_TAG: "parent",
-                    "sweep_id": self.sweep_id,
+                    tracking.ROLE_TAG: "parent",
+                    tracking.SWEEP_TAG: self.sweep_id,
                     "sweep_fingerprint": self.sweep_fingerprint,
-                    "command": f"python -m fashioncnn {text}",
-                    "jobs": str(len(planned)),
+                    "command": mask_secrets(f"python -m fashioncnn {' '.join(typed)}"),
+                    "jobs": str(len(plan.jobs)),
                 },
             )
             self.run_id = run.info.run_id
             self.reattached = False
-        # Every job's run, in this process or another, finds its sweep and parent here.
-        os.environ[SWEEP_ID_ENV] = self.sweep_id
-        os.environ[PARENT_RUN_ENV] = self.run_id
 
     def close(self, rows: list[dict[str, str]], status: str) -> None:
         self.store.client.log_text(self.run_id, summary_markdown(rows), "summary.md")
@@ -168,32 +263,38 @@ class ParentRun:
 
     def kill_unfinished_jobs(self) -> None:
         """After an interrupt: runs that the launcher's workers left RUNNING are KILLED, not RUNNING forever."""
-        for run in self.store.client.search_runs(
-            [self.store.experiment_id], filter_string=f"tags.sweep_id = '{self.sweep_id}' and attributes.status = 'RUNNING'"
-        ):
+        for run in self.store.search(self.experiment_id, f"tags.{tracking.SWEEP_TAG} = '{self.sweep_id}' and attributes.status = 'RUNNING'"):
             if run.info.run_id != self.run_id:
                 self.store.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
+# ------------------------------------------------------------------------------------------- summary
+
 SUMMARY_COLUMNS = ["job", "model", "overrides", "status", "max_test_acc", "seconds", "run_id"]
+FAILED_STATUSES = {"FAILED", "KILLED", "NOT RUN", "RUNNING", "SCHEDULED"}
 
 
-def summarize(planned: list[PlannedJob], sweep_id: str) -> list[dict[str, str]]:
-    """One row per job, read back from the store: what actually happened, whoever ran it."""
-    rows, stores = [], {}
-    for index, job in enumerate(planned):
-        key = (resolve_tracking_uri(job.cfg), job.cfg.experiment)
-        store = stores.setdefault(key, Store(job.cfg))
+def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str], str]) -> list[dict[str, str]]:
+    """One row per job, read back from the store (one search per experiment): what happened, whoever ran it."""
+    ran: dict[tuple[str, str], dict[str, Run]] = {}
+    rows = []
+    for job in plan.jobs:
+        key = (job.tracking_uri, job.cfg.experiment)
+        if key not in ran:
+            found = tracking.store(job.tracking_uri).search(experiment_ids[key], f"tags.{tracking.SWEEP_TAG} = '{sweep_id}'")
+            ran[key] = {}
+            for r in found:  # newest first: keep the newest run of each fingerprint
+                ran[key].setdefault(r.data.tags.get(tracking.FINGERPRINT_TAG, ""), r)
         if job.done is not None:
             run, status = job.done, "SKIPPED"
         else:
-            run = next((r for r in store.runs_of(job.fingerprint) if r.data.tags.get("sweep_id") == sweep_id), None)
+            run = ran[key].get(job.fingerprint)
             status = "NOT RUN" if run is None else run.info.status
-            if run is not None and run.data.tags.get("diverged") == "true":
+            if run is not None and run.data.tags.get(tracking.DIVERGED_TAG) == "true":
                 status = "DIVERGED"
         metrics = run.data.metrics if run is not None else {}
         rows.append({
-            "job": str(index),
+            "job": str(job.index),
             "model": job.model_name,
             "overrides": job.command,
             "status": status,
@@ -202,9 +303,6 @@ def summarize(planned: list[PlannedJob], sweep_id: str) -> list[dict[str, str]]:
             "run_id": run.info.run_id if run is not None else "",
         })
     return rows
-
-
-FAILED_STATUSES = {"FAILED", "KILLED", "NOT RUN", "RUNNING", "SCHEDULED"}
 
 
 def summary_text(rows: list[dict[str, str]]) -> str:

@@ -1,9 +1,13 @@
-"""Everything MLflow: where runs go, and what each run records.
+"""Everything MLflow: where runs go, the tags that tie them together, and what each run records.
 
 Default store: sqlite at ./mlruns/mlflow.db with artifacts in ./mlruns/artifacts. MLflow 3 refuses a
 plain file store without MLFLOW_ALLOW_FILE_STORE, and sqlite is what the MLflow UI and server read
-fastest. Two processes creating a fresh sqlite store at the same moment crash on table creation, so
-`prepare_store` runs once in the launching process (a Hydra callback) before any job starts.
+fastest. Each process talks to a store through one `Store` object (`store(uri)`), which looks each
+experiment up once. Only the launching process creates the store and its experiments, before any job
+starts (two processes creating a fresh sqlite store at the same moment crash); planning and
+`--dry-run` only read, and never create a store that does not exist yet.
+
+Kept free of torch, so reports and the command line start quickly.
 """
 
 from __future__ import annotations
@@ -17,8 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import mlflow
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
-from mlflow.entities import Run
+from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,10 +33,18 @@ if TYPE_CHECKING:  # the training loop's types only: importing torch here would 
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE_DIR = Path("mlruns")
-# Set by the command line for a -m sweep; jobs in other processes (joblib, submitit) inherit them.
+# A job's decision, handed to it by the sweep's plan through hydra.job.env_set (fashioncnn.sweep).
 SWEEP_ID_ENV = "FASHIONCNN_SWEEP_ID"
 PARENT_RUN_ENV = "FASHIONCNN_PARENT_RUN_ID"
+EXPERIMENT_ID_ENV = "FASHIONCNN_EXPERIMENT_ID"
+RESUME_RUN_ENV = "FASHIONCNN_RESUME_RUN_ID"
+FINGERPRINT_ENV = "FASHIONCNN_FINGERPRINT"
+# Tags: what the UI, reports, retrain and the plan filter on.
 ROLE_TAG = "fashioncnn.role"  # "parent" for a sweep's parent run, "job" for each model's run
+PARENT_TAG = "mlflow.parentRunId"
+SWEEP_TAG = "sweep_id"
+FINGERPRINT_TAG = "fingerprint"
+DIVERGED_TAG = "diverged"
 _PASSWORD_IN_URI = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@")
 
 
@@ -57,40 +68,95 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{(DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
 
 
-def resolve_tracking_uri(cfg: DictConfig) -> str:
-    """The config key wins, then $MLFLOW_TRACKING_URI, then the local store in ./mlruns."""
-    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+def resolve_tracking_uri(cfg: DictConfig | None = None, requested: str | None = None) -> str:
+    """The config key (or `requested`) wins, then $MLFLOW_TRACKING_URI, then the local store in ./mlruns."""
+    chosen = requested or (cfg.tracking_uri if cfg is not None else None)
+    return chosen or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def prepare_store(tracking_uri: str, experiment: str) -> str:
-    """Create the store's tables and the experiment if they are missing; return the experiment id."""
-    if tracking_uri == default_tracking_uri():
-        DEFAULT_STORE_DIR.mkdir(exist_ok=True)
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    artifact_location = None
-    if tracking_uri == default_tracking_uri():
-        artifact_location = (DEFAULT_STORE_DIR / "artifacts").resolve().as_uri()
-    try:
-        return client.create_experiment(experiment, artifact_location=artifact_location)
-    except mlflow.exceptions.MlflowException:
-        # Another process created it between our look-up and create; use theirs.
-        found = client.get_experiment_by_name(experiment)
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+class Store:
+    """One tracking store as this process sees it: one client, and each experiment looked up once."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._client: MlflowClient | None = None
+        self._experiment_ids: dict[str, str] = {}
+
+    @property
+    def client(self) -> MlflowClient:
+        # Made on first use: a client of a sqlite URI creates the database file and its tables.
+        if self._client is None:
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def exists(self) -> bool:
+        """False for a local sqlite store not created yet: reading it would create it."""
+        path = sqlite_path(self.uri)
+        return path is None or path.exists()
+
+    def experiment_id(self, name: str, create: bool = False) -> str | None:
+        """The experiment's id; with `create`, the store and experiment are made when missing."""
+        if name in self._experiment_ids:
+            return self._experiment_ids[name]
+        if not create and not self.exists():
+            return None
+        if create and self.uri == default_tracking_uri():
+            DEFAULT_STORE_DIR.mkdir(exist_ok=True)
+        found = self.client.get_experiment_by_name(name)
+        if found is None and not create:
+            return None
         if found is None:
-            raise
-        return found.experiment_id
+            artifact_location = None
+            if self.uri == default_tracking_uri():
+                artifact_location = (DEFAULT_STORE_DIR / "artifacts").resolve().as_uri()
+            try:
+                self._experiment_ids[name] = self.client.create_experiment(name, artifact_location=artifact_location)
+            except mlflow.exceptions.MlflowException:
+                # Another process created it between our look-up and create; use theirs.
+                found = self.client.get_experiment_by_name(name)
+                if found is None:
+                    raise
+        if found is not None:
+            self._experiment_ids[name] = found.experiment_id
+        return self._experiment_ids[name]
+
+    def search(self, experiment_id: str, filter_string: str = "") -> list[Run]:
+        """Every active run that matches, newest first, all pages."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([experiment_id], filter_string, ViewType.ACTIVE_ONLY, max_results=1000,
+                                           order_by=["attributes.start_time DESC"], page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def runs_by_fingerprint(self, experiment_id: str) -> dict[str, list[Run]]:
+        """The experiment's job runs grouped by the fingerprint of their effective config, newest first."""
+        grouped: dict[str, list[Run]] = {}
+        for run in self.search(experiment_id, f"tags.{FINGERPRINT_TAG} LIKE '%'"):
+            if FINGERPRINT_TAG in run.data.tags:
+                grouped.setdefault(run.data.tags[FINGERPRINT_TAG], []).append(run)
+        return grouped
 
 
-class PrepareStore(Callback):
-    """Runs in the launching process before any job starts, whichever launcher runs the jobs."""
+def checkpoint_path(cfg: DictConfig, run_id: str) -> Path:
+    """Where a run's per-epoch checkpoint lives until the run finishes."""
+    return Path(cfg.checkpoint_dir) / f"{run_id}.pt"
 
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        prepare_store(resolve_tracking_uri(config), config.experiment)
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        prepare_store(resolve_tracking_uri(config), config.experiment)
+_stores: dict[str, Store] = {}
+
+
+def store(uri: str) -> Store:
+    """This process's Store for `uri`, created on first use."""
+    if uri not in _stores:
+        _stores[uri] = Store(uri)
+    return _stores[uri]
 
 
 def flatten(node: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -103,7 +169,7 @@ def flatten(node: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, An
 
 def run_tags(model_name: str, fingerprint: str) -> dict[str, str]:
     """Overrides, the chosen option of each config group, the model and sweep: what the UI filters on."""
-    tags = {"model_name": model_name, "mlflow.runName": model_name, "fingerprint": fingerprint, ROLE_TAG: "job"}
+    tags = {"model_name": model_name, "mlflow.runName": model_name, FINGERPRINT_TAG: fingerprint, ROLE_TAG: "job"}
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         tags["hydra.overrides"] = " ".join(hydra_cfg.overrides.task) or "(defaults)"
@@ -122,23 +188,17 @@ def run_tags(model_name: str, fingerprint: str) -> dict[str, str]:
 
 
 def sweep_tags() -> dict[str, str]:
-    """The sweep and parent run this process's jobs belong to (set by the command line for a -m sweep)."""
+    """The sweep and parent run this job belongs to (handed to it by the sweep's plan)."""
     tags = {}
     if os.environ.get(SWEEP_ID_ENV):
-        tags["sweep_id"] = os.environ[SWEEP_ID_ENV]
+        tags[SWEEP_TAG] = os.environ[SWEEP_ID_ENV]
     if os.environ.get(PARENT_RUN_ENV):
-        tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
+        tags[PARENT_TAG] = os.environ[PARENT_RUN_ENV]
     return tags
 
 
-def runs_with_fingerprint(client: MlflowClient, experiment_id: str, fingerprint: str) -> list[Run]:
-    """All runs of this effective config in the experiment, newest first."""
-    return client.search_runs(
-        [experiment_id], filter_string=f"tags.fingerprint = '{fingerprint}'", order_by=["attributes.start_time DESC"], max_results=1000
-    )
-
-
-def start_run(cfg: DictConfig, model_name: str, fingerprint: str, resume_run_id: str | None = None) -> mlflow.ActiveRun:
+def start_run(cfg: DictConfig, model_name: str, fingerprint: str, experiment_id: str,
+              resume_run_id: str | None = None) -> mlflow.ActiveRun:
     """A new run with the full config, or (resume_run_id) the same run again, moved into the current sweep."""
     tracking_uri = resolve_tracking_uri(cfg)
     mlflow.set_tracking_uri(tracking_uri)
@@ -148,7 +208,6 @@ def start_run(cfg: DictConfig, model_name: str, fingerprint: str, resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id)
         mlflow.set_tags({**sweep_tags(), "resumed": "true"})
         return run
-    experiment_id = prepare_store(tracking_uri, cfg.experiment)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=model_name, tags=run_tags(model_name, fingerprint))
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     mlflow.log_params({key: mask_secrets(str(value)) for key, value in flatten(resolved)})

@@ -120,7 +120,7 @@ def make_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     name, lr = Optimizer(cfg.optim.name), cfg.optim.lr
     # fused: one kernel updates every parameter in a single pass, with no temporaries (foreach allocates
     # full-size intermediates each step; on M1.3's 24.6M parameters that is most of the step on CPU).
-    impl = OptimizerImpl(cfg.optimizer_impl)
+    impl = OptimizerImpl(cfg.speed.optimizer_impl)
     kind = {"fused": True} if impl is OptimizerImpl.fused else {"foreach": impl is OptimizerImpl.foreach}
     if name is Optimizer.adam:
         return torch.optim.Adam(model.parameters(), lr=lr, **kind)
@@ -214,11 +214,11 @@ def training_network(cfg: DictConfig, model: nn.Module, device: torch.device) ->
     The rearrangements compute the same function; `model` keeps the study's layout for state_dict,
     printing and parameter counts.
     """
-    network = relu_after_pool(model) if cfg.pool_before_relu else model
-    if cfg.weight_first_linear is None or device.type != "cpu" or not isinstance(network, nn.Sequential):
+    network = relu_after_pool(model) if cfg.speed.pool_before_relu else model
+    if cfg.speed.weight_first_linear is None or device.type != "cpu" or not isinstance(network, nn.Sequential):
         return network
     return nn.Sequential(*(
-        WeightFirstLinear(layer) if isinstance(layer, nn.Linear) and layer.weight.numel() >= cfg.weight_first_linear else layer
+        WeightFirstLinear(layer) if isinstance(layer, nn.Linear) and layer.weight.numel() >= cfg.speed.weight_first_linear else layer
         for layer in network
     ))
 
@@ -249,17 +249,17 @@ def train(
     """Train for cfg.epochs; with `checkpoint`, resume from it when it exists and rewrite it after every epoch."""
     torch.manual_seed(cfg.seed)
     order = torch.Generator().manual_seed(cfg.seed)  # its own generator: data order never depends on model init
-    if cfg.reuse_memory and device.type == "cpu":
+    if cfg.speed.reuse_memory and device.type == "cpu":
         reuse_freed_memory()
     model.to(device)
     autocast = use_bf16(cfg, device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.speed.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     data = data.to(device)
     train_images = data.train_images.contiguous(memory_format=memory_format)
     test_images = data.test_images.contiguous(memory_format=memory_format)
     network = training_network(cfg, model, device)
-    step = torch.compile(network) if cfg.compile else network
+    step = torch.compile(network) if cfg.speed.compile else network
     optimizer = make_optimizer(cfg, model)
     n_train, batch_size = len(train_images), cfg.batch_size
     n_batches = (n_train + batch_size - 1) // batch_size
@@ -307,7 +307,7 @@ def train(
                     break
         seen = min((batch + 1) * batch_size, n_train)  # fewer than n_train when the guard stopped the epoch
         train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
-        test_loss, test_acc = evaluate(step, test_images, data.test_labels, cfg.eval_batch_size, autocast)
+        test_loss, test_acc = evaluate(step, test_images, data.test_labels, cfg.speed.eval_batch_size, autocast)
         metrics = EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc, time.perf_counter() - started)
         log.info(
             "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  %.1fs",

@@ -2,8 +2,9 @@
 
 import pytest
 
-from fashioncnn.cli import config_groups, preflight, quote_numeric_group_options
 from fashioncnn.config import ConfigError, register_schema
+from fashioncnn.preflight import jobs_of
+from fashioncnn.sources import group_options
 
 from conftest import run_cli
 
@@ -11,20 +12,13 @@ register_schema()
 
 
 def test_study_groups_are_real_config_groups():
-    assert {"conv", "lin", "channels", "lr"} <= config_groups()
-
-
-def test_numeric_group_options_are_quoted_and_everything_else_left_alone():
-    args = ["-m", "conv=2,3", "lin=4", "channels=16.32,32.64", "lr=0.01,0.001", "epochs=3", "optim.lr=0.1",
-            "conv=glob(*)", "lin='2'", "-cd", "lr=1"]
-    assert quote_numeric_group_options(args, {"conv", "lin", "channels", "lr"}) == [
-        "-m", "conv='2','3'", "lin='4'", "channels='16.32','32.64'", "lr='0.01','0.001'", "epochs=3",
-        "optim.lr=0.1", "conv=glob(*)", "lin='2'", "-cd", "lr=1",
-    ]
+    options = group_options()
+    assert {"conv", "lin", "channels", "lr"} <= set(options)
+    assert options["conv"] == ["1", "2", "3"] and options["lr"] == ["0.0005", "0.001", "0.005", "0.01"]
 
 
 def compose_one(*args):
-    jobs = preflight(quote_numeric_group_options(list(args), config_groups()))
+    jobs = jobs_of(list(args))
     assert len(jobs) == 1
     return jobs[0][1]
 
@@ -48,7 +42,7 @@ def test_values_outside_the_groups_are_set_directly():
 
 
 def test_a_sweep_expands_to_every_combination():
-    jobs = preflight(quote_numeric_group_options(["-m", "conv=2,3", "lin=2,3,4"], config_groups()))
+    jobs = jobs_of(["-m", "conv=2,3", "lin=2,3,4"])
     assert sorted((c.model.conv, c.model.lin) for _, c in jobs) == [(c, l) for c in (2, 3) for l in (2, 3, 4)]
     assert jobs[0][0] == ["conv='2'", "lin='2'"]
 
@@ -81,7 +75,7 @@ def test_a_sweep_expands_to_every_combination():
 )
 def test_bad_values_fail_with_one_line_naming_key_value_and_what_is_allowed(args, message):
     with pytest.raises(ConfigError) as caught:
-        preflight(quote_numeric_group_options(args, config_groups()))
+        jobs_of(args)
     text = str(caught.value)
     assert text.startswith(message)
     assert "\n" not in text

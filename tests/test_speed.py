@@ -10,8 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from fashioncnn import train as train_module
-from fashioncnn.cli import config_groups, preflight, quote_numeric_group_options
-from fashioncnn.config import ConfigError, register_schema
+from fashioncnn.config import ConfigError, register_schema, speed_keys
+from fashioncnn.preflight import jobs_of
 from fashioncnn.data import FashionMNIST
 from fashioncnn.model import ModelSpec, build_model
 from fashioncnn.train import (WeightFirstLinear, bf16_is_native, make_optimizer, relu_after_pool, reuse_freed_memory, train,
@@ -22,8 +22,8 @@ CPU = torch.device("cpu")
 
 
 def compose(*args):
-    (job,) = preflight(quote_numeric_group_options(list(args), config_groups()))
-    return job[1] if isinstance(job, tuple) else job  # newer preflight() returns (overrides, config) pairs
+    ((_, cfg),) = jobs_of(list(args))
+    return cfg
 
 
 def tiny_data(train_count=192, test_count=64) -> FashionMNIST:
@@ -48,27 +48,35 @@ SMALL = ["model.filter_in=8", "model.filter_out=8", "epochs=2", "device=cpu"]
 
 def test_speed_defaults():
     cfg = compose()
-    assert (cfg.precision.value, cfg.channels_last, cfg.compile, cfg.threads, cfg.eval_batch_size) == ("fp32", True, False, 0, 1000)
-    assert (cfg.optimizer_impl.value, cfg.reuse_memory, cfg.pool_before_relu, cfg.weight_first_linear) == ("fused", True, True, 1_000_000)
+    speed = cfg.speed
+    assert (cfg.precision.value, speed.channels_last, speed.compile, speed.threads, speed.eval_batch_size) == ("fp32", True, False, 0, 1000)
+    assert (speed.optimizer_impl.value, speed.reuse_memory, speed.pool_before_relu, speed.weight_first_linear) == ("fused", True, True, 1_000_000)
 
 
 def test_speed_options_compose_together():
-    cfg = compose("precision=bf16", "channels_last=false", "compile=true", "threads=1", "eval_batch_size=250",
-                  "optimizer_impl=loop", "reuse_memory=false", "pool_before_relu=false", "weight_first_linear=null")
-    assert (cfg.precision.value, cfg.channels_last, cfg.compile, cfg.threads, cfg.eval_batch_size) == ("bf16", False, True, 1, 250)
-    assert (cfg.optimizer_impl.value, cfg.reuse_memory, cfg.pool_before_relu, cfg.weight_first_linear) == ("loop", False, False, None)
+    cfg = compose("precision=bf16", "speed.channels_last=false", "speed.compile=true", "speed.threads=1", "speed.eval_batch_size=250",
+                  "speed.optimizer_impl=loop", "speed.reuse_memory=false", "speed.pool_before_relu=false", "speed.weight_first_linear=null")
+    speed = cfg.speed
+    assert (cfg.precision.value, speed.channels_last, speed.compile, speed.threads, speed.eval_batch_size) == ("bf16", False, True, 1, 250)
+    assert (speed.optimizer_impl.value, speed.reuse_memory, speed.pool_before_relu, speed.weight_first_linear) == ("loop", False, False, None)
+
+
+def test_old_spellings_of_speed_keys_still_compose():
+    # Before 0.2 they were top-level keys; the command line moves them under speed. (and says so, see test_overrides)
+    cfg = compose("threads=1", "channels_last=false", "weight_first_linear=null")
+    assert (cfg.speed.threads, cfg.speed.channels_last, cfg.speed.weight_first_linear) == (1, False, None)
 
 
 @pytest.mark.parametrize(
     "arg,message",
     [
         ("precision=fp16", "precision=fp16: Invalid value 'fp16', expected one of [fp32, bf16]"),
-        ("optimizer_impl=fast", "optimizer_impl=fast: Invalid value 'fast', expected one of [fused, foreach, loop]"),
-        ("channels_last=maybe", "channels_last=maybe: Value 'maybe' is not a valid bool"),
-        ("threads=-1", "threads=-1: not allowed, must be an integer >= 0 (0: torch's default)"),
-        ("eval_batch_size=0", "eval_batch_size=0: not allowed, must be an integer >= 1"),
-        ("weight_first_linear=-5", "weight_first_linear=-5: not allowed, must be null (off) or an integer >= 0"),
-        ("weight_first_linear=big", "weight_first_linear=big: Value 'big' of type 'str' could not be converted to Integer"),
+        ("speed.optimizer_impl=fast", "speed.optimizer_impl=fast: Invalid value 'fast', expected one of [fused, foreach, loop]"),
+        ("speed.channels_last=maybe", "speed.channels_last=maybe: Value 'maybe' is not a valid bool"),
+        ("speed.threads=-1", "speed.threads=-1: not allowed, must be an integer >= 0 (0: torch's default)"),
+        ("speed.eval_batch_size=0", "speed.eval_batch_size=0: not allowed, must be an integer >= 1"),
+        ("speed.weight_first_linear=-5", "speed.weight_first_linear=-5: not allowed, must be null (off) or an integer >= 0"),
+        ("speed.weight_first_linear=big", "speed.weight_first_linear=big: Value 'big' of type 'str' could not be converted to Integer"),
     ],
 )
 def test_bad_speed_options_fail_in_one_line(arg, message):
@@ -80,7 +88,7 @@ def test_bad_speed_options_fail_in_one_line(arg, message):
 @pytest.mark.parametrize("impl", ["fused", "foreach", "loop"])
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_optimizer_impl_picks_the_kernel(impl, name):
-    optimizer = make_optimizer(compose(f"optimizer_impl={impl}", f"optim.name={name}"), torch.nn.Linear(3, 2))
+    optimizer = make_optimizer(compose(f"speed.optimizer_impl={impl}", f"optim.name={name}"), torch.nn.Linear(3, 2))
     assert type(optimizer).__name__ == {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}[name]
     assert bool(optimizer.defaults["fused"]) == (impl == "fused")
     assert bool(optimizer.defaults["foreach"]) == (impl == "foreach")
@@ -126,8 +134,8 @@ def test_bf16_where_native_trains_under_autocast(monkeypatch):
     "options",
     [
         [],  # the defaults
-        ["channels_last=false", "optimizer_impl=foreach", "reuse_memory=false", "eval_batch_size=7"],
-        ["optimizer_impl=loop", "pool_before_relu=false"],
+        ["speed.channels_last=false", "speed.optimizer_impl=foreach", "speed.reuse_memory=false", "speed.eval_batch_size=7"],
+        ["speed.optimizer_impl=loop", "speed.pool_before_relu=false"],
         ["weight_first_linear=0"],  # every linear layer as W·xᵀ
     ],
 )
@@ -237,7 +245,7 @@ def test_bench_times_the_naive_loop_in_a_process_of_its_own(tiny_dataset, monkey
 
 def test_eval_batch_size_does_not_change_the_metrics_beyond_rounding():
     data = tiny_data()
-    whole, in_sevens = run(compose(*SMALL, "epochs=1"), data), run(compose(*SMALL, "epochs=1", "eval_batch_size=7"), data)
+    whole, in_sevens = run(compose(*SMALL, "epochs=1"), data), run(compose(*SMALL, "epochs=1", "speed.eval_batch_size=7"), data)
     assert whole[0][:2] == in_sevens[0][:2]  # training is untouched
     assert whole[0][2] == pytest.approx(in_sevens[0][2], rel=1e-5) and whole[0][3] == in_sevens[0][3]
 
@@ -245,25 +253,41 @@ def test_eval_batch_size_does_not_change_the_metrics_beyond_rounding():
 def test_options_change_nothing_but_speed():
     # channels_last and the optimizer kernel change rounding only: same data, same model, nearly the same numbers.
     data = tiny_data(train_count=512)
-    base = run(compose(*SMALL, "channels_last=false", "optimizer_impl=foreach"), data)
+    base = run(compose(*SMALL, "speed.channels_last=false", "speed.optimizer_impl=foreach"), data)
     fast = run(compose(*SMALL), data)
     for a, b in zip(base, fast):
         assert a[0] == pytest.approx(b[0], rel=1e-3) and a[2] == pytest.approx(b[2], rel=1e-3)
 
 
-def test_reuse_freed_memory_applies_on_glibc():
-    import platform
+def test_reuse_freed_memory_sets_glibcs_thresholds_and_steps_aside_without_glibc(monkeypatch):
+    import ctypes
 
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert reuse_freed_memory() is True
-    else:
-        assert reuse_freed_memory() in (True, False)
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    assert reuse_freed_memory() is True
+    assert calls == [(-3, 1 << 30), (-1, 1 << 30)]  # M_MMAP_THRESHOLD and M_TRIM_THRESHOLD at 1 GiB
+
+    def no_glibc(name):
+        raise OSError(name)
+
+    monkeypatch.setattr(ctypes, "CDLL", no_glibc)
+    assert reuse_freed_memory() is False
 
 
-def test_config_dump_names_every_speed_key():
-    keys = OmegaConf.to_container(compose()).keys()
-    assert {"precision", "channels_last", "compile", "threads", "eval_batch_size", "optimizer_impl", "reuse_memory",
-            "pool_before_relu", "weight_first_linear"} <= set(keys)
+def test_speed_keys_are_one_node_of_the_schema_and_stay_out_of_the_fingerprint():
+    from fashioncnn.sweep import fingerprint
+
+    cfg = compose()
+    assert set(speed_keys()) == {f"speed.{key}" for key in OmegaConf.to_container(cfg.speed)}
+    assert "speed.threads" in speed_keys() and "precision" not in speed_keys()
+    assert fingerprint(compose("speed.threads=1", "speed.channels_last=false", "device=cpu")) == fingerprint(cfg)
+    assert fingerprint(compose("precision=bf16")) != fingerprint(cfg) != fingerprint(compose("seed=1"))
 
 
 def _bench_module():

@@ -10,11 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hydra import initialize_config_module
 from mlflow.tracking import MlflowClient
 
 from fashioncnn import report, retrain, results
-from fashioncnn.cli import CONFIG_MODULE, config_groups, expand_jobs, preflight, quote_numeric_group_options
+from fashioncnn.preflight import jobs_of
 from fashioncnn.config import ConfigError, register_schema
 from fashioncnn.data import DEBIAN_DIR
 
@@ -37,13 +36,11 @@ STUDY = {
 
 
 def expand(*args: str) -> list[list[str]]:
-    overrides = [a for a in quote_numeric_group_options(list(args), config_groups()) if a != "-m"]
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return expand_jobs(overrides, multirun="-m" in args)
+    return [overrides for overrides, _ in jobs_of(list(args))]
 
 
 def compose_all(*args: str) -> list:
-    return [cfg for _, cfg in preflight(quote_numeric_group_options(list(args), config_groups()))]
+    return [cfg for _, cfg in jobs_of(list(args))]
 
 
 def name(cfg) -> str:
@@ -85,11 +82,10 @@ def test_preset_job_lists_are_hydras_and_the_command_line_wins():
 
 def test_preset_mistakes_are_one_line_errors(tmp_path):
     (tmp_path / "study").mkdir()
-    (tmp_path / "study" / "mine.yaml").write_text("# @package _global_\nhydra:\n  sweeper:\n    params:\n      conv: 2,3\n")
+    (tmp_path / "study" / "mine.yaml").write_text("# @package _global_\nhydra:\n  sweeper:\n    params:\n      conv: interval(1,3)\n")
     cases = {
         ("-m", "+study=mine", f"hydra.searchpath=[file://{tmp_path}]"):
-            "hydra.sweeper.params: conv: 2,3: a preset must quote the options of config group 'conv' (Hydra reads them "
-            "as numbers): conv: \"'2','3'\"",
+            "conv=interval(1,3): interval(...) samples numbers, but 'conv' is a config group of named options (1, 2, 3)",
         ("+study=step2-lin",): "+study=step2-lin: defines a sweep over conv, lin, channels, lr, epochs; run it with -m: "
                                "python -m fashioncnn -m +study=step2-lin",
         ("-m", "+study=step9"): "study=step9: no option 'step9' in config group 'study'; available: step1-conv, step2-lin,",
@@ -121,6 +117,7 @@ def parent_of(client, runs):
     return client.get_run(parent_id)
 
 
+@pytest.mark.slow
 @needs_data
 def test_a_preset_runs_as_hydra_sweeps_it(sweep):
     _, _, runs, _ = sweep
@@ -148,6 +145,7 @@ def _check_png(path: Path) -> None:
     assert matplotlib.image.imread(path).std() > 0.05  # something is drawn
 
 
+@pytest.mark.slow
 @needs_data
 def test_report_table_csv_and_figures_match_mlflow(sweep, tmp_path):
     cwd, client, runs, uri = sweep
@@ -206,6 +204,7 @@ def test_report_table_csv_and_figures_match_mlflow(sweep, tmp_path):
     _check_png(tmp_path / "grouped" / "loss-seed=1.png")
 
 
+@pytest.mark.slow
 @needs_data
 def test_report_errors_and_the_command_line(sweep, tmp_path, capsys):
     cwd, _, _, uri = sweep
@@ -230,6 +229,7 @@ def test_report_errors_and_the_command_line(sweep, tmp_path, capsys):
     assert "## model.lin=2" in result.stdout and "## model.lin=4" in result.stdout
 
 
+@pytest.mark.slow
 @needs_data
 def test_report_is_logged_to_the_sweeps_parent_run_when_there_is_one(sweep, tmp_path):
     _, client, runs, uri = sweep
@@ -246,6 +246,7 @@ def test_report_is_logged_to_the_sweeps_parent_run_when_there_is_one(sweep, tmp_
     assert report.build(["study-step2-lin"], tmp_path / "none", uri=uri, attach=False).parent_run_id is None
 
 
+@pytest.mark.slow
 @needs_data
 def test_retrain_the_best_replays_their_configs_with_new_overrides_and_tags_lineage(sweep):
     cwd, client, runs, _ = sweep

@@ -8,7 +8,7 @@ from fashioncnn.data import DEBIAN_DIR
 
 from conftest import local_store, run_cli, runs_of
 
-pytestmark = pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")]
 
 
 def test_multirun_logs_every_combination_with_config_curves_and_tags(tmp_path):

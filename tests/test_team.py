@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from fashioncnn.cli import config_groups, preflight, quote_numeric_group_options
+from fashioncnn.preflight import jobs_of
 from fashioncnn.data import DEBIAN_DIR
 from fashioncnn.sources import shadowed, take_config_dirs, with_search_path
 from fashioncnn.train import resolve_device
@@ -36,8 +36,7 @@ def test_config_dirs_come_from_flags_and_the_environment(tmp_path, monkeypatch):
 
 
 def test_team_options_compose_and_clashes_are_explained(team_dir):
-    args = with_search_path(quote_numeric_group_options(["-m", "conv=shallow", "lr=0.0003,0.01"], config_groups()), [team_dir])
-    (_, first), (_, second) = preflight(args)
+    (_, first), (_, second) = jobs_of(["-m", "conv=shallow", "lr=0.0003,0.01"], [team_dir])
     assert first.model.conv == 1 and first.optim.lr == 0.0003
     assert second.optim.lr == 0.01  # the built-in lr/0.01.yaml wins over the team's
     assert shadowed([team_dir]) == [
@@ -53,6 +52,7 @@ def test_a_missing_config_dir_is_one_line(tmp_path):
                                      "(from --config-dir or $FASHIONCNN_CONFIG_PATH)")
 
 
+@pytest.mark.slow
 @needs_data
 def test_runs_record_which_source_and_version_chose_each_option(tmp_path, team_dir):
     result = run_cli(["-m", "conv=shallow", "lr=0.0003,0.01", *TINY, "experiment=team"], cwd=tmp_path,
@@ -70,6 +70,7 @@ def test_runs_record_which_source_and_version_chose_each_option(tmp_path, team_d
         assert len(tags["source_sha.channels"]) == 12
 
 
+@pytest.mark.slow
 @needs_data
 def test_submitit_local_sweep_keeps_parent_and_child_runs(tmp_path):
     result = run_cli(["-m", "conv=2,3", *TINY, "experiment=submitit", "hydra/launcher=submitit_local"], cwd=tmp_path)
@@ -91,10 +92,11 @@ def test_devices_per_job(monkeypatch):
     assert str(resolve_device("auto")) == "cuda:0"
     with pytest.raises(RuntimeError, match="device=cuda:7: this machine has 4 CUDA device"):
         resolve_device("cuda:7")
-    cfg = preflight(["device=cuda:1"])[0][1]
+    cfg = jobs_of(["device=cuda:1"])[0][1]
     assert cfg.device == "cuda:1"
 
 
+@pytest.mark.slow
 def test_an_installed_wheel_finds_its_configs_outside_the_repo(tmp_path):
     import subprocess
     import sys

@@ -1,0 +1,135 @@
+"""Preflight: every job of a command composed and validated once, before the first one trains.
+
+The jobs are expanded exactly as Hydra's basic sweeper would (the preset's `hydra.sweeper.params`
+first, then the command line, whose keys win), each composed with Hydra's compose API, checked against
+the schema (unknown keys, types, ranges) and the model family (a feature map that collapses). Any
+problem is one line naming the key, the value and what is allowed (ConfigError).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from fashioncnn import overrides as ov
+from fashioncnn import sources
+from fashioncnn.config import Config, ConfigError, register_schema, validate
+from fashioncnn.model import ModelSpec
+
+CONFIG_MODULE = "fashioncnn.conf"
+CONFIG_NAME = "config"
+# Where a value outside a study group is set directly, for the hint in "no such option" errors.
+GROUP_KEYS = {
+    "conv": "model.conv=4",
+    "lin": "model.lin=5",
+    "channels": "model.filter_in=8 model.filter_out=16",
+    "lr": "optim.lr=0.0003",
+}
+
+Job = tuple[list[str], DictConfig]  # a job's overrides, as Hydra launches them, and its composed config
+
+
+def compose_jobs(args: Sequence[str], options: Mapping[str, Sequence[str]]) -> list[Job]:
+    """Every job of the (already rewritten) command line, composed and validated; ConfigError names the first bad one."""
+    register_schema()
+    overrides, multirun = ov.split_flags(args)
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        try:
+            job_overrides = _expand(overrides, multirun, options)
+        except ConfigError:
+            raise
+        except Exception as error:
+            raise ConfigError(explain(error, overrides)) from error
+        jobs = []
+        for job in job_overrides:
+            try:
+                cfg = compose(config_name=CONFIG_NAME, overrides=job)
+                _check_unknown_keys(cfg)
+                validate(cfg)
+                ModelSpec.from_config(cfg.model).check_feasible()
+            except Exception as error:
+                where = f" (in job {ov.display_all(job)})" if multirun and len(job_overrides) > 1 else ""
+                raise ConfigError(explain(error, job) + where) from error
+            jobs.append((job, cfg))
+    return jobs
+
+
+def jobs_of(args: Sequence[str], team_dirs: Sequence[Path] = ()) -> list[Job]:
+    """The jobs a command line stands for, composed as `python -m fashioncnn` composes them (tests, benchmarks)."""
+    options = sources.group_options(team_dirs)
+    rewritten, _ = ov.rewrite(list(args), options)
+    return compose_jobs(sources.with_search_path(rewritten, team_dirs), options)
+
+
+def _expand(overrides: list[str], multirun: bool, options: Mapping[str, Sequence[str]]) -> list[list[str]]:
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.types import RunMode
+
+    loader = GlobalHydra.instance().config_loader()
+    if not multirun:
+        try:
+            run_config = loader.load_configuration(CONFIG_NAME, list(overrides), run_mode=RunMode.RUN)
+            params = OmegaConf.select(run_config, "hydra.sweeper.params")
+        except Exception:
+            return [overrides]  # composing the job itself reports the problem
+        if params:  # without -m Hydra would run the defaults once, ignoring the preset's grid
+            typed = ov.display_all(overrides)
+            raise ConfigError(f"{typed}: defines a sweep over {', '.join(params)}; run it with -m: python -m fashioncnn -m {typed}")
+        return [overrides]
+    sweep_config = loader.load_configuration(CONFIG_NAME, list(overrides), run_mode=RunMode.MULTIRUN)
+    params = OmegaConf.select(sweep_config, "hydra.sweeper.params") or {}
+    preset, _ = ov.rewrite([f"{key}={value}" for key, value in params.items()], options)
+    parser = OverridesParser.create(config_loader=loader)
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(preset + list(overrides)), max_batch_size=None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def known_keys(node: Any = None, prefix: str = "") -> list[str]:
+    node = OmegaConf.structured(Config) if node is None else node
+    keys = []
+    for key, value in node.items():
+        keys += known_keys(value, f"{prefix}{key}.") if isinstance(value, DictConfig) else [f"{prefix}{key}"]
+    return keys
+
+
+def _check_unknown_keys(cfg: DictConfig) -> None:
+    known = set(known_keys())
+    for key in known_keys(cfg):
+        if key not in known:
+            raise ConfigError(f"{key}: unknown key; known keys: {', '.join(sorted(known))}")
+
+
+def _override_for(key: str, job: list[str]) -> str:
+    for override in job:
+        if override.lstrip("+~").split("=", 1)[0] == key:
+            return ov.display(override.lstrip("+~"))
+    return key
+
+
+def explain(error: Exception, job: list[str]) -> str:
+    """One line for a composition or validation error: the key, the value and what is allowed."""
+    cause = error.__cause__
+    if isinstance(error, ConfigError):
+        return str(error)
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        hint = f"; a value outside the group is set directly, e.g. {GROUP_KEYS[group]}" if group in GROUP_KEYS else ""
+        available = ov.sort_options(error.options)
+        return f"{group}={option}: no option '{option}' in config group '{group}'; available: {', '.join(available)}{hint}"
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+        return f"{_override_for(cause.full_key, job)}: unknown key '{cause.full_key}'; known keys: {', '.join(known_keys())}"
+    if isinstance(cause, ValidationError) and cause.full_key:
+        return f"{_override_for(cause.full_key, job)}: {str(cause.msg).splitlines()[0]}"
+    if isinstance(error, ConfigCompositionException) and "Ambiguous value" in str(error):
+        argument = ov.display(str(error).split("argument '", 1)[1].split("'\n", 1)[0])
+        return f"{argument}: several values sweep only in multirun mode: python -m fashioncnn -m {argument}"
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse the overrides {ov.display_all(job)}: {str(error).splitlines()[0]}"
+    return str(error).splitlines()[0]
