@@ -12,7 +12,7 @@ SWEEP ?= conv=2,3 epochs=1
 
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv data postgres sweep test test-quick ui server server-sqlite bench clean study study-report
+.PHONY: venv data postgres chromium sweep test test-quick ui server server-sqlite bench clean study study-report
 
 venv: $(STAMP)
 
@@ -43,6 +43,16 @@ postgres:
 	elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then \
 		sudo apt-get update -qq && sudo apt-get install -y -qq postgresql >/dev/null; \
 	else echo "PostgreSQL not installed: the server test will be skipped"; fi
+
+# Chromium from Debian's package, for the test that opens the MLflow UI in a headless browser.
+chromium:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "Installing Chromium (Debian package chromium)"; \
+		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then \
+		sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; \
+	else echo "Chromium not installed: the browser test of the MLflow UI will be skipped"; fi
 
 # A shared MLflow tracking server on $(HOST):$(PORT): PostgreSQL (make server) or sqlite (make server-sqlite),
 # database and artifacts in ./server. Add AUTH=--auth for MLflow's basic authentication.
@@ -78,16 +88,18 @@ study-report: $(STAMP)
 		--title "Step 2: linear depth, with step 1's M2.3 and M3.3" -o reports/step2-with-step1 > /dev/null
 	@echo "reports/step2-with-step1/report.md"
 
-test: $(STAMP) data postgres
+test: $(STAMP) data postgres chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The edit-test loop: every test not marked slow (under 2 minutes on 2 cores).
 test-quick: $(STAMP) data
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Prints the runs table of the latest sweep's experiment, in the UI's model-training view (fashioncnn/links.py).
 ui: $(STAMP)
 	@mkdir -p $(STORE)
-	@echo "MLflow UI: http://$(HOST):$(PORT)  (store: $(abspath $(STORE))/mlflow.db, Ctrl-C to stop)"
+	@url=$$($(BIN)/python -m fashioncnn.links --tracking-uri sqlite:///$(abspath $(STORE))/mlflow.db --base http://$(HOST):$(PORT)) && \
+		echo "MLflow UI: $$url  (store: $(abspath $(STORE))/mlflow.db, Ctrl-C to stop)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(STORE))/mlflow.db \
 		--default-artifact-root $(abspath $(STORE))/artifacts --host $(HOST) --port $(PORT)
 

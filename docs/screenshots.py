@@ -1,0 +1,162 @@
+"""Screenshots of the MLflow UI for the README, from a store with a sweep and a UI running on it:
+docs/ui-runs-table.png (the latest sweep's runs, best max_test_acc first) and docs/ui-parent-run.png
+(its parent run's page). Run it again after anything changes what the UI shows.
+
+    make sweep && (make ui &)                 # or any store: make ui STORE=/tmp/store PORT=5001
+    .venv/bin/python docs/screenshots.py      # --tracking-uri URI --base http://127.0.0.1:5001 --out DIR
+
+It drives headless Chromium (Debian's `chromium`; `make chromium` installs it) over the DevTools
+protocol, because the command line's --screenshot cannot click. Two clicks are needed: one closes the
+MLflow Assistant panel, which opens on a browser's first visit and covers a third of the page. The
+other selects the sort column again in the Sort menu, which adds max_test_acc as a table column. A URL
+can set the sort order but cannot add the column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp  # a dependency of MLflow
+from mlflow.tracking import MlflowClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from fashioncnn.links import run_url, sweep_url, ui_base_for  # noqa: E402
+from fashioncnn.tracking import ROLE_TAG, default_tracking_uri  # noqa: E402
+
+WIDTH, HEIGHT = 1600, 900
+CLOSE_ASSISTANT = '[data-component-id="mlflow.assistant.chat_panel.close"]'
+
+
+class Page:
+    """One browser tab, driven by DevTools protocol commands."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws, self.last_id = ws, 0
+
+    async def call(self, method: str, **params: object) -> dict:
+        self.last_id += 1
+        await self.ws.send_json({"id": self.last_id, "method": method, "params": params})
+        async for message in self.ws:  # events in between are not needed
+            reply = json.loads(message.data)
+            if reply.get("id") == self.last_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+        raise RuntimeError("Chromium closed the connection")
+
+    async def js(self, expression: str) -> object:
+        return (await self.call("Runtime.evaluate", expression=expression, returnByValue=True))["result"].get("value")
+
+    async def wait_for(self, expression: str, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not await self.js(f"!!({expression})"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the page never showed {what}")
+            await asyncio.sleep(0.25)
+
+    async def wait_for_text(self, *texts: str) -> None:
+        await self.wait_for(" && ".join(f"document.body.innerText.includes({json.dumps(t)})" for t in texts), f"{texts}")
+
+    async def click(self, selector: str) -> None:
+        """A real mouse click: the UI's menus open on pointer events, which element.click() does not send."""
+        rect = await self.js(f"(r => r && [r.x + r.width / 2, r.y + r.height / 2])"
+                             f"(document.querySelector({json.dumps(selector)})?.getBoundingClientRect())")
+        if rect is None:
+            raise LookupError(f"nothing on the page matches {selector}")
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.call("Input.dispatchMouseEvent", type=kind, x=rect[0], y=rect[1], button="left", clickCount=1)
+
+    async def close_assistant(self) -> None:
+        await asyncio.sleep(1)  # it opens a moment after the page
+        if await self.js(f"!!document.querySelector({json.dumps(CLOSE_ASSISTANT)})"):
+            await self.click(CLOSE_ASSISTANT)
+
+    async def open(self, url: str) -> None:
+        # Through a blank page: a new #... on the same page would only be a step inside the running app.
+        await self.call("Page.navigate", url="about:blank")
+        await self.call("Page.navigate", url=url)
+
+    async def screenshot(self, path: Path) -> None:
+        await self.js("document.activeElement?.blur()")  # no focus ring on the last control clicked
+        await asyncio.sleep(1)  # let the last rendering settle
+        path.write_bytes(base64.b64decode((await self.call("Page.captureScreenshot", format="png"))["data"]))
+        print(path)
+
+
+async def shoot(chromium: str, base: str, experiment_id: str, sweep_id: str, parent_id: str, names: list[str], out: Path) -> None:
+    with tempfile.TemporaryDirectory() as profile:
+        # A fresh profile: the UI starts as a first-time user sees it.
+        browser = subprocess.Popen([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                                    f"--user-data-dir={profile}", "--remote-debugging-port=0",
+                                    f"--window-size={WIDTH},{HEIGHT}", "about:blank"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            port_file = Path(profile) / "DevToolsActivePort"  # Chromium writes the port it chose here
+            deadline = time.monotonic() + 60
+            while not port_file.exists() or not port_file.read_text().strip():
+                if time.monotonic() > deadline or browser.poll() is not None:
+                    raise RuntimeError("Chromium did not start its DevTools server")
+                await asyncio.sleep(0.2)
+            port = port_file.read_text().split()[0]
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
+                    target = next(t for t in await response.json() if t["type"] == "page")
+                async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                    page = Page(ws)
+                    await page.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
+
+                    await page.open(sweep_url(base, experiment_id, sweep_id))
+                    await page.wait_for_text("Run Name", *names)
+                    await page.close_assistant()
+                    await page.wait_for("[...document.querySelectorAll('button')].some(b => b.innerText.startsWith('Sort:'))", "the Sort menu")
+                    await page.js("[...document.querySelectorAll('button')].find(b => b.innerText.startsWith('Sort:')).dataset.sortMenu = 1")
+                    await page.click("[data-sort-menu]")
+                    await page.wait_for("document.querySelector('[data-testid=\"sort-select-max_test_acc\"]')", "max_test_acc in the Sort menu")
+                    await page.click('[data-testid="sort-select-max_test_acc"]')
+                    await page.call("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+                    await page.wait_for("[...document.querySelectorAll('[role=columnheader]')].some(h => h.innerText.includes('max_test_acc'))",
+                                        "the max_test_acc column")
+                    await page.screenshot(out / "ui-runs-table.png")
+
+                    await page.open(run_url(base, experiment_id, parent_id))
+                    await page.wait_for_text("Child runs", *names)
+                    await page.close_assistant()
+                    await page.screenshot(out / "ui-parent-run.png")
+        finally:
+            browser.terminate()
+            browser.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
+    parser.add_argument("--base", help="the running UI (default: as fashioncnn.links chooses, http://127.0.0.1:5000 for a local store)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    args = parser.parse_args()
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        sys.exit("needs Chromium: make chromium (Debian's chromium package)")
+    client = MlflowClient(args.tracking_uri)
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(experiment_ids, f"tags.`{ROLE_TAG}` = 'parent'", order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        sys.exit(f"no sweep in {args.tracking_uri}: run one first (make sweep)")
+    parent = parents[0]
+    jobs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    names = [parent.info.run_name, *(job.info.run_name for job in jobs)]
+    base = (args.base or ui_base_for(args.tracking_uri)).rstrip("/")
+    asyncio.run(shoot(chromium, base, parent.info.experiment_id, parent.data.tags["sweep_id"], parent.info.run_id, names, args.out))
+
+
+if __name__ == "__main__":
+    main()
