@@ -288,7 +288,9 @@ class NaiveProcess:
 def package_config(spec: ModelSpec, overrides: list[str], epochs: int) -> DictConfig:
     """The package's default config for this model, composed and validated exactly as the CLI does."""
     args = [f"model.conv={spec.conv}", f"model.lin={spec.lin}", f"model.filter_in={spec.filter_in}",
-            f"model.filter_out={spec.filter_out}", f"epochs={epochs}", *overrides]
+            f"model.filter_out={spec.filter_out}", f"epochs={epochs}",
+            # The timed chunks carry a batch of test images and no validation split: a training-speed figure.
+            "val_size=0", "select_metric=test_acc", "log_model=false", "system_metrics=false", *overrides]
     return jobs_of(args)[0][1]
 
 

@@ -84,6 +84,15 @@ class SpeedConfig:
     weight_first_linear: Optional[int] = 1_000_000  # CPU: linear layers with at least this many weights run as W·xᵀ; null: none
 
 
+class SelectMetric(Enum):
+    """What picks a run's best epoch, and ranks runs (report, retrain, registry)."""
+
+    val_acc = "val_acc"
+    val_loss = "val_loss"
+    test_acc = "test_acc"  # the study's habit: the test set chooses the model
+    test_loss = "test_loss"
+
+
 def _not_learned(default: Any = None, factory: Any = None) -> Any:
     """A schema field that does not change what a run learns (kept out of its fingerprint)."""
     metadata = {"learns": False}
@@ -105,7 +114,13 @@ class Config:
     batch_size: int = 64
     seed: int = 0
     device: str = _not_learned("auto")  # auto (CUDA when present; one GPU per job in a sweep), cpu, cuda, cuda:N
-    subset: Optional[int] = None  # training images to use; None means all 60,000
+    subset: Optional[int] = None  # training images to use (after the validation hold-out); None means all of them
+    # A seeded, class-stratified hold-out of the training set; 0: none (the study's protocol). At 0 the key
+    # stays out of the fingerprint, so runs from before it existed are still found.
+    val_size: int = field(default=5000, metadata={"fingerprint_neutral": 0})
+    select_metric: SelectMetric = _not_learned(SelectMetric.val_acc)  # picks the best epoch and ranks runs
+    log_model: bool = _not_learned(True)  # log the best epoch's weights as an MLflow model
+    system_metrics: bool = _not_learned(True)  # MLflow's CPU, memory, disk and network metrics during the run
     data_dir: str = _not_learned("data")  # searched first; torchvision downloads here when the machine can
     experiment: str = _not_learned("fashioncnn")  # MLflow experiment name
     tracking_uri: Optional[str] = _not_learned(None)  # None: $MLFLOW_TRACKING_URI, else the local store in ./mlruns
@@ -123,6 +138,16 @@ class Config:
 def not_learned_keys() -> list[str]:
     """Top-level keys that say where or how fast a run goes, not what it learns (`speed` is one of them)."""
     return [f.name for f in fields(Config) if f.metadata.get("learns", True) is False]
+
+
+def fingerprint_neutral() -> dict[str, Any]:
+    """Keys added after runs existed, with the value at which they leave the fingerprint (old runs trained so)."""
+    return {f.name: f.metadata["fingerprint_neutral"] for f in fields(Config) if "fingerprint_neutral" in f.metadata}
+
+
+def ranking_metric(select_metric: str) -> str:
+    """The run-level metric that ranks runs selected by `select_metric` (test_acc: max_test_acc, the study's)."""
+    return "max_test_acc" if select_metric == "test_acc" else f"best_{select_metric}"
 
 
 def speed_keys() -> list[str]:
@@ -148,6 +173,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "batch_size": (_positive_int, "an integer >= 1"),
     "speed.eval_batch_size": (_positive_int, "an integer >= 1"),
     "seed": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "val_size": (lambda v: isinstance(v, int) and 0 <= v <= TRAIN_SET_SIZE - 10,
+                 f"an integer from 0 (no validation split) to {TRAIN_SET_SIZE - 10}"),
     "subset": (
         lambda v: v is None or (isinstance(v, int) and 1 <= v <= TRAIN_SET_SIZE),
         f"null (all images) or an integer from 1 to {TRAIN_SET_SIZE}",
@@ -178,3 +205,10 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not check(value):
             raise ConfigError(f"{key}={value}: not allowed, must be {allowed}")
+    if cfg.subset is not None and cfg.subset > TRAIN_SET_SIZE - cfg.val_size:
+        raise ConfigError(f"subset={cfg.subset}: not allowed with val_size={cfg.val_size}, at most "
+                          f"{TRAIN_SET_SIZE - cfg.val_size} training images remain; lower subset, or val_size (0: no validation split)")
+    select = SelectMetric(cfg.select_metric).value
+    if select.startswith("val_") and cfg.val_size == 0:
+        raise ConfigError(f"select_metric={select}: needs a validation split, but val_size=0; set val_size "
+                          "(default 5000) or select_metric=test_acc (the study's protocol: the test set picks the model)")

@@ -4,13 +4,18 @@ The four original IDX files (torchvision's FashionMNIST raw format, gzipped or n
 the configured directory (also in its FashionMNIST/raw/, where torchvision puts them), then in Debian's
 dataset-fashion-mnist package, then fetched by torchvision's own download. Reading them once into
 tensors and batching by index is what keeps per-sample PIL transforms out of the training loop.
+
+The validation split is a class-stratified hold-out of the 60,000 training images, drawn with a fixed
+seed (so every run, whatever its own seed, validates on the same images) before `subset` applies:
+`subset=500` trains on 500 of the remaining images and validates on the same hold-out as a full run.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +31,7 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 TRAIN_COUNT, TEST_COUNT = 60_000, 10_000
+VAL_SPLIT_SEED = 0  # fixed: the same hold-out for every run, so their validation scores compare
 # Mean and standard deviation of the 60,000 training images, scaled to [0, 1].
 MEAN, STD = 0.2860, 0.3530
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -49,7 +55,10 @@ class FashionMNIST:
     train_labels: torch.Tensor  # int64, N
     test_images: torch.Tensor
     test_labels: torch.Tensor
-    source: Path
+    source: Path | None
+    val_images: torch.Tensor = field(default_factory=lambda: torch.empty(0, 1, 28, 28))
+    val_labels: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    digest: str = ""  # of the four files read: which version of the data a run saw
 
     def to(self, device: torch.device) -> FashionMNIST:
         return FashionMNIST(
@@ -58,6 +67,9 @@ class FashionMNIST:
             self.test_images.to(device),
             self.test_labels.to(device),
             self.source,
+            self.val_images.to(device),
+            self.val_labels.to(device),
+            self.digest,
         )
 
 
@@ -135,19 +147,47 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return scaled.sub_(MEAN).div_(STD).unsqueeze(1)
 
 
+def validation_indices(labels: np.ndarray, size: int, seed: int = VAL_SPLIT_SEED) -> np.ndarray:
+    """`size` indices of a class-stratified random hold-out (each class in proportion, as in the whole), sorted."""
+    if size == 0:
+        return np.empty(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    share = counts * size / len(labels)
+    per_class = np.floor(share).astype(int)
+    # Largest remainders get the images that rounding down left over, so the sizes add up to `size`.
+    per_class[np.argsort(-(share - per_class), kind="stable")[: size - per_class.sum()]] += 1
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, per_class)]
+    return np.sort(np.concatenate(chosen))
+
+
+def file_digest(paths: dict[str, Path]) -> str:
+    """SHA-256 (first 16 hex digits) of the four files as read, in a fixed order."""
+    digest = hashlib.sha256()
+    for key in sorted(paths):
+        digest.update(paths[key].read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def load(
     data_dir: str | Path,
     subset: int | None = None,
+    val_size: int = 0,
     download: bool = True,
     expected_counts: tuple[int, int] = (TRAIN_COUNT, TEST_COUNT),
 ) -> FashionMNIST:
-    """Load and verify Fashion-MNIST; `subset` keeps the first N training images (the test set stays whole)."""
+    """Load and verify Fashion-MNIST; hold out `val_size` training images for validation, then keep the
+    first `subset` of the rest for training (the test set stays whole)."""
     paths = locate(data_dir, download=download)
     arrays = {key: read_idx(path) for key, path in paths.items()}
     source = paths["train_images"].parent
     _check(arrays["train_images"], arrays["train_labels"], expected_counts[0], "train", source)
     _check(arrays["test_images"], arrays["test_labels"], expected_counts[1], "test", source)
     train_images, train_labels = arrays["train_images"], arrays["train_labels"]
+    held_out = validation_indices(train_labels, val_size)
+    keep = np.setdiff1d(np.arange(len(train_labels)), held_out)
+    val_images, val_labels = train_images[held_out], train_labels[held_out]
+    train_images, train_labels = train_images[keep], train_labels[keep]
     if subset is not None:
         train_images, train_labels = train_images[:subset], train_labels[:subset]
     return FashionMNIST(
@@ -156,4 +196,7 @@ def load(
         test_images=_to_tensor(arrays["test_images"]),
         test_labels=torch.from_numpy(arrays["test_labels"].astype(np.int64)),
         source=source,
+        val_images=_to_tensor(val_images),
+        val_labels=torch.from_numpy(val_labels.astype(np.int64)),
+        digest=file_digest(paths),
     )

@@ -20,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fashioncnn import tracking
+from fashioncnn import links, tracking
 from fashioncnn.data import load
 from fashioncnn.model import ModelSpec, build_model, count_parameters
 from fashioncnn.train import resolve_device, train
@@ -71,15 +71,25 @@ def train_and_log(cfg: DictConfig) -> float | None:
         if cfg.speed.threads:
             torch.set_num_threads(cfg.speed.threads)
         device = resolve_device(cfg.device, HydraConfig.get().job.num if _in_sweep() else None)
-        data = load(cfg.data_dir, subset=cfg.subset)
+        data = load(cfg.data_dir, subset=cfg.subset, val_size=cfg.val_size)
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
         model = build_model(spec)
         param_count = count_parameters(model)
         if resume_run_id is None:
-            mlflow.log_param("param_count", param_count)
-        log.info("%s: %s parameters, %d training images from %s, device %s",
-                 spec.name, f"{param_count:,}", len(data.train_labels), data.source, device)
+            mlflow.log_metric("param_count", param_count)
+            tracking.log_datasets(data, cfg.subset)
+        log.info("%s: %s parameters, %d training and %d validation images from %s, device %s", spec.name,
+                 f"{param_count:,}", len(data.train_labels), len(data.val_labels), data.source, device)
         result = train(cfg, model, data, device, on_epoch=tracking.log_epoch, checkpoint=checkpoint)
+        tracking.log_where_it_ran(device, torch.get_num_threads(), result.precision)
+        tracking.log_summary(result)
+        if result.diverged:
+            mlflow.set_tags({tracking.DIVERGED_TAG: "true", "diverged_reason": result.diverged})
+        elif cfg.log_model:
+            from fashioncnn.serving import log_model  # torch.export's import costs seconds: only when used
+
+            model.load_state_dict(result.best_state)
+            log_model(model)
     except KeyboardInterrupt:
         mlflow.set_tag("error", "interrupted (Ctrl-C or SIGTERM); run the same command again to resume")
         mlflow.end_run("KILLED")
@@ -92,12 +102,20 @@ def train_and_log(cfg: DictConfig) -> float | None:
         log.exception("%s: FAILED (run %s); the sweep goes on", spec.name, run.info.run_id)
         return None
 
-    tracking.log_summary(result, param_count)
-    if result.diverged:
-        mlflow.set_tags({tracking.DIVERGED_TAG: "true", "diverged_reason": result.diverged})
     if cfg.keep_checkpoint and checkpoint.exists():
         mlflow.log_artifact(str(checkpoint))
     checkpoint.unlink(missing_ok=True)
     mlflow.end_run("FINISHED")
-    log.info("%s: max test accuracy %.4f, %.1fs training (run %s)", spec.name, result.max_test_acc, result.train_seconds, run.info.run_id)
+    best = result.best
+    log.info("%s: best epoch %d by %s: %s, test accuracy there %.4f (max %.4f), %.1fs training (run %s)%s",
+             spec.name, result.best_epoch, result.select_metric, f"{getattr(best, result.select_metric):.4f}",
+             best.test_acc, result.max_test_acc, result.train_seconds, run.info.run_id, _link(cfg, run))
     return result.max_test_acc
+
+
+def _link(cfg: DictConfig, run: mlflow.ActiveRun) -> str:
+    """For a tracking server, where to see the run (the UI in its model-training view)."""
+    uri = tracking.resolve_tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        return ""
+    return f"; {links.run_url(links.ui_base_for(uri), run.info.experiment_id, run.info.run_id)}"

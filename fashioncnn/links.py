@@ -48,12 +48,12 @@ def experiment_url(base: str, experiment_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING}"
 
 
-def sweep_url(base: str, experiment_id: str, sweep_id: str) -> str:
-    """The runs of one sweep, best `max_test_acc` first. The runs table nests child runs, collapsed,
-    under their parent whenever it is sorted by creation time, and the expanded rows are browser
-    state that a URL cannot set. Any other sort order lists the runs flat, so the jobs are visible."""
+def sweep_url(base: str, experiment_id: str, sweep_id: str, metric: str = "best_val_acc") -> str:
+    """The runs of one sweep, best `metric` first. The runs table nests child runs, collapsed, under
+    their parent whenever it is sorted by creation time, and the expanded rows are browser state that a
+    URL cannot set. Any other sort order lists the runs flat, so the jobs are visible."""
     search = quote(f"tags.sweep_id = '{sweep_id}'")
-    order = quote("metrics.`max_test_acc`")
+    order = quote(f"metrics.`{metric}`")
     return f"{experiment_url(base, experiment_id)}&searchFilter={search}&orderByKey={order}&orderByAsc=false"
 
 

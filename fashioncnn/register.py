@@ -28,15 +28,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from fashioncnn.results import (
-    DEFAULT_METRIC, SWEEP_TAG, ResultsError, check_metric, is_diverged, mask, metric, rank, select, tracking_uri,
+    DEFAULT_METRIC, SWEEP_TAG, ResultsError, check_metric, is_diverged, is_pruned, mask, metric, rank, resolve_metric,
+    select, tracking_uri,
 )
 
 ALIAS = "champion"
-PRUNED_TAG = "pruned"
-
-
-def is_pruned(run: Run) -> bool:
-    return run.data.tags.get(PRUNED_TAG, "").lower() == "true"
 
 
 def best_run(runs: list[Run], metric_name: str, where: str) -> Run:
@@ -57,6 +53,7 @@ def register(client: MlflowClient, source: str, name: str | None = None, metric_
     command again does not pile up identical versions.
     """
     selection = select(client, source)
+    metric_name = resolve_metric([r for r in selection.runs if r.info.status == "FINISHED"], metric_name)
     run = best_run(selection.runs, metric_name, selection.description)
     from fashioncnn.serving import model_uri_of_run  # imports torch (seconds): not before the cheap checks pass
 

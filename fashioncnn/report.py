@@ -29,10 +29,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+from fashioncnn import links
 from fashioncnn.config import LEGACY_SPEED_KEYS, not_learned_keys
 from fashioncnn.results import (
-    DEFAULT_METRIC, ResultsError, check_metric, is_diverged, lower_is_better, mask, metric, param_value, rank, select,
-    tracking_uri,
+    DEFAULT_METRIC, ResultsError, check_metric, is_diverged, lower_is_better, mask, metric, param_value, rank,
+    resolve_metric, select, tracking_uri,
 )
 from fashioncnn.tracking import PARENT_TAG, SWEEP_TAG
 
@@ -48,7 +49,7 @@ def not_config(param: str) -> bool:
 DISTINGUISHING = ("optim.lr", "epochs", "seed", "subset", "batch_size", "optim.name")
 CSV_FIELDS = [
     "group", "rank", "best", "model", "param_count", "lr", "epochs", "seed", "batch_size", "train_seconds",
-    "max_test_acc", "mean_test_acc", "final_train_loss", "final_test_loss", "final_test_acc", "epochs_logged",
+    "max_test_acc", "mean_test_acc", "test_acc_at_best", "final_train_loss", "final_test_loss", "final_test_acc", "epochs_logged",
     "status", "diverged", "experiment", "sweep_id", "parent_run_id", "retrained_from", "run_id",
 ]
 SUMMARY_FIELDS = ("max_test_acc", "mean_test_acc", "train_seconds", "final_train_loss", "final_test_loss")
@@ -195,13 +196,15 @@ def markdown_table(header: list[str], rows: list[list[str]], right: set[int]) ->
     return "\n".join(lines)
 
 
-def runs_table(rows: list[Row], metric_name: str) -> str:
+def runs_table(rows: list[Row], metric_name: str, ui_base: str) -> str:
     several_experiments = len({r.experiment for r in rows}) > 1
     several_seeds = len({r.params.get("seed") for r in rows}) > 1
     extra_metric = metric_name not in ("max_test_acc", "mean_test_acc", "train_seconds")
     header = ["rank", "model"] + (["experiment"] if several_experiments else []) + (["seed"] if several_seeds else []) + [
         "params", "lr", "epochs", "train time", "max test acc", "mean test acc", "final train loss", "final test loss"]
     header += [metric_name] if extra_metric else []
+    at_best = any(not math.isnan(metric(r.run, "test_acc_at_best")) for r in rows) and metric_name != "test_acc_at_best"
+    header += ["test acc at best"] if at_best else []
     header += ["status", "run"]
     body = []
     for row in rows:
@@ -217,7 +220,8 @@ def runs_table(rows: list[Row], metric_name: str) -> str:
             accs[index] = bold(accs[index])
         cells += accs + [fmt_loss(row.value("final_train_loss")), fmt_loss(row.value("final_test_loss"))]
         cells += [bold(fmt_metric(metric_name, row.value(metric_name)))] if extra_metric else []
-        cells += [row.status, row.run.info.run_id[:8]]
+        cells += [fmt_acc(metric(row.run, "test_acc_at_best"))] if at_best else []
+        cells += [row.status, f"[{row.run.info.run_id[:8]}]({links.run_url(ui_base, row.run.info.experiment_id, row.run.info.run_id)})"]
         body.append(cells)
     right = {i for i, name in enumerate(header) if name not in ("model", "experiment", "status", "run")}
     return markdown_table(header, body, right)
@@ -417,6 +421,7 @@ def build(sources: Sequence[str], output_dir: Path | None = None, metric_name: s
     if not rows:
         raise ResultsError(f"{where}: none of its {len(runs)} runs match the filters "
                            f"{' '.join([*filters, *(f'--status {s}' for s in statuses)])}")
+    metric_name = resolve_metric([r.run for r in rows if r.run.info.status == "FINISHED"] or [r.run for r in rows], metric_name)
     check_metric([r.run for r in rows], metric_name, where)
 
     title = title or " + ".join(sources)
@@ -440,7 +445,7 @@ def build(sources: Sequence[str], output_dir: Path | None = None, metric_name: s
         acc_png, loss_png = output_dir / f"test_acc{suffix}.png", output_dir / f"loss{suffix}.png"
         plot_curves(ranked, metric_name, f"{title}, {group}" if group else title, acc_png, loss_png)
         files += [acc_png, loss_png]
-        lines += ["", f"## {group}" if group else "## Runs", "", runs_table(ranked, metric_name), "",
+        lines += ["", f"## {group}" if group else "## Runs", "", runs_table(ranked, metric_name, links.ui_base_for(uri)), "",
                   f"![Test accuracy per epoch]({acc_png.name})", "", f"![Train and test loss per epoch]({loss_png.name})"]
         summaries = by_config(ranked, metric_name)
         if summaries:

@@ -20,9 +20,11 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fashioncnn.tracking import DIVERGED_TAG, PARENT_TAG, ROLE_TAG, SWEEP_TAG, mask_secrets, resolve_tracking_uri, sqlite_path
+from fashioncnn.tracking import DIVERGED_TAG, PARENT_TAG, PRUNED_TAG, ROLE_TAG, SWEEP_TAG, mask_secrets, resolve_tracking_uri, sqlite_path
 
-DEFAULT_METRIC = "max_test_acc"
+# "auto": the metric the runs' own select_metric ranks by (best_val_acc by default; the study's runs and
+# runs from before validation splits: max_test_acc).
+DEFAULT_METRIC = "auto"
 T = TypeVar("T")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -54,6 +56,10 @@ def is_parent(run: Run) -> bool:
 
 def is_diverged(run: Run) -> bool:
     return run.data.tags.get(DIVERGED_TAG, "").lower() == "true"
+
+
+def is_pruned(run: Run) -> bool:
+    return run.data.tags.get(PRUNED_TAG, "").lower() == "true"
 
 
 def lower_is_better(metric: str) -> bool:
@@ -143,6 +149,19 @@ def select(client: MlflowClient, source: str) -> Selection:
     names = sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
     raise ResultsError(f"{source}: no experiment, sweep id or run id of that name in {mask(client.tracking_uri)}; "
                        f"experiments: {', '.join(names) or '(none)'}")
+
+
+def resolve_metric(runs: Iterable[Run], name: str) -> str:
+    """`name`, or for "auto" the run-level metric the runs' select_metric ranks by (ResultsError if they disagree)."""
+    if name != "auto":
+        return name
+    from fashioncnn.config import ranking_metric
+
+    chosen = {ranking_metric(run.data.params.get("select_metric", "test_acc")) for run in runs}
+    if len(chosen) > 1:
+        raise ResultsError(f"--metric auto: these runs were selected by different metrics ({', '.join(sorted(chosen))}); "
+                           "name one with --metric")
+    return chosen.pop() if chosen else "max_test_acc"
 
 
 def metric(run: Run, name: str) -> float:

@@ -34,8 +34,8 @@ from fashioncnn import sources
 from fashioncnn.config import LEGACY_SPEED_KEYS, not_learned_keys
 from fashioncnn.tracking import flatten
 from fashioncnn.results import (
-    DEFAULT_METRIC, ResultsError, check_metric, is_diverged, lower_is_better, mask, metric, param_value, rank, select,
-    tracking_uri,
+    DEFAULT_METRIC, ResultsError, check_metric, is_diverged, is_pruned, lower_is_better, mask, metric, param_value, rank,
+    resolve_metric, select, tracking_uri,
 )
 
 GROUP = "retrained_from"
@@ -60,10 +60,11 @@ def pick(runs: list[Any], metric_name: str, top: int, lowest_first: bool | None,
         raise ResultsError(f"--top {top}: must be at least 1")
     if not runs:
         raise ResultsError(f"{where}: no runs (an empty sweep)")
-    candidates = [r for r in runs if r.info.status == "FINISHED" and not is_diverged(r)]
+    candidates = [r for r in runs if r.info.status == "FINISHED" and not is_diverged(r) and not is_pruned(r)]
     if not candidates:
-        counts = Counter("diverged" if is_diverged(r) else r.info.status for r in runs)
-        raise ResultsError(f"{where}: none of its {len(runs)} runs finished without diverging "
+        counts = Counter("diverged" if is_diverged(r) else "pruned" if is_pruned(r) else r.info.status for r in runs)
+        raise ResultsError(f"{where}: none of its {len(runs)} runs finished without diverging"
+                           f"{' or being pruned' if 'pruned' in counts else ''} "
                            f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
     check_metric(candidates, metric_name, where)
     ranked = [r for r in rank(candidates, metric_name, lowest_first) if metric_name in r.data.metrics]
@@ -147,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         uri = tracking_uri(args.tracking_uri)
         client = MlflowClient(uri)
         selection = select(client, args.source)
+        args.metric = resolve_metric([r for r in selection.runs if r.info.status == "FINISHED"], args.metric)
         picked, candidates = pick(selection.runs, args.metric, args.top, lowest_first, selection.description)
         with tempfile.TemporaryDirectory(prefix="fashioncnn-retrain-") as scratch:
             folder = Path(scratch) / GROUP

@@ -21,17 +21,20 @@ import csv
 import hashlib
 import io
 import json
+import shlex
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import Metric, Param, Run, RunStatus
 from omegaconf import DictConfig, OmegaConf
 
+from fashioncnn import links, preflight, tracking
 from fashioncnn import overrides as ov
-from fashioncnn import preflight, tracking
-from fashioncnn.config import ConfigError, not_learned_keys
+from fashioncnn.config import ConfigError, fingerprint_neutral, not_learned_keys, ranking_metric
+from fashioncnn.results import rank
 from fashioncnn.model import ModelSpec
 from fashioncnn.tracking import mask_secrets
 
@@ -44,6 +47,9 @@ def fingerprint(cfg: DictConfig) -> str:
     assert isinstance(content, dict)
     for key in not_learned_keys():
         content.pop(key, None)
+    for key, neutral in fingerprint_neutral().items():
+        if content.get(key) == neutral:
+            del content[key]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -211,11 +217,14 @@ def run(plan: Plan) -> int:
         pass
     finally:
         _launch_list = None
-    rows = summarize(plan, parent.sweep_id, experiment_ids)
+    metric_name = plan_metric(plan)
+    rows = summarize(plan, parent.sweep_id, experiment_ids, metric_name)
     failed = any(row["status"] in FAILED_STATUSES for row in rows)
-    parent.close(rows, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
+    parent.close(rows, metric_name, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
     print(f"\nsweep {parent.sweep_id} (parent run {parent.run_id}):", flush=True)
     print(summary_text(rows), flush=True)
+    local = not first.tracking_uri.startswith(("http://", "https://"))
+    print(f"in MLflow: {parent.url}" + ("  (start the UI with: make ui)" if local else ""), flush=True)
     if interrupted:
         return interrupted_exit_code(interrupted)
     return 1 if failed else 0
@@ -241,25 +250,44 @@ class ParentRun:
             self.reattached = True
         else:
             self.sweep_id = uuid.uuid4().hex[:12]
-            typed = [arg for arg in plan.typed if arg not in ov.MULTIRUN_FLAGS]
+            typed = [arg for arg in plan.typed if arg not in (*ov.MULTIRUN_FLAGS, "--dry-run")]
+            grid = mask_secrets(" ".join(ov.split_flags(typed)[0])) or "(defaults)"
             run = store.client.create_run(
                 experiment_id,
-                run_name=f"sweep {self.sweep_id}",
+                run_name=grid,  # the sweep's own grid, as typed: what the runs table shows for it
                 tags={
                     tracking.ROLE_TAG: "parent",
                     tracking.SWEEP_TAG: self.sweep_id,
                     "sweep_fingerprint": self.sweep_fingerprint,
-                    "command": mask_secrets(f"python -m fashioncnn {' '.join(typed)}"),
+                    "command": mask_secrets(shlex.join(["python", "-m", "fashioncnn", "-m", *typed])),
                     "jobs": str(len(plan.jobs)),
                 },
             )
             self.run_id = run.info.run_id
             self.reattached = False
+            store.client.log_batch(self.run_id, params=[Param(key, value) for key, value in swept_keys(plan).items()])
+        self.base = links.ui_base_for(store.uri)
 
-    def close(self, rows: list[dict[str, str]], status: str) -> None:
-        self.store.client.log_text(self.run_id, summary_markdown(rows), "summary.md")
-        self.store.client.log_text(self.run_id, summary_csv(rows), "summary.csv")
-        self.store.client.set_terminated(self.run_id, status)
+    @property
+    def url(self) -> str:
+        return links.run_url(self.base, self.experiment_id, self.run_id)
+
+    def close(self, rows: list[dict[str, str]], metric_name: str, status: str) -> None:
+        """The sweep's front page: the leaderboard as its description, its best figures, the summary files."""
+        client = self.store.client
+        client.log_text(self.run_id, summary_markdown(rows), "summary.md")
+        client.log_text(self.run_id, summary_csv(rows), "summary.csv")
+        client.set_tag(self.run_id, "mlflow.note.content", leaderboard(rows, metric_name, self.base, self.experiment_id))
+        counts = {status_: sum(row["status"] == status_ for row in rows) for status_ in ("FINISHED", "FAILED", "DIVERGED", "SKIPPED")}
+        metrics = {f"jobs_{name.lower()}": float(n) for name, n in counts.items()}
+        ranked = ranked_rows(rows, metric_name)
+        if ranked:
+            best = ranked[0]
+            metrics[metric_name] = float(best[metric_name])
+            if best.get("test_acc_at_best"):
+                metrics["test_acc_at_best"] = float(best["test_acc_at_best"])
+        client.log_batch(self.run_id, metrics=[Metric(key, value, int(time.time() * 1000), 0) for key, value in metrics.items()])
+        client.set_terminated(self.run_id, status)
 
     def kill_unfinished_jobs(self) -> None:
         """After an interrupt: runs that the launcher's workers left RUNNING are KILLED, not RUNNING forever."""
@@ -270,11 +298,55 @@ class ParentRun:
 
 # ------------------------------------------------------------------------------------------- summary
 
-SUMMARY_COLUMNS = ["job", "model", "overrides", "status", "max_test_acc", "seconds", "run_id"]
 FAILED_STATUSES = {"FAILED", "KILLED", "NOT RUN", "RUNNING", "SCHEDULED"}
 
 
-def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str], str]) -> list[dict[str, str]]:
+def swept_keys(plan: Plan) -> dict[str, str]:
+    """The keys whose value changes between the sweep's jobs, and their values as typed: the parent's params."""
+    values: dict[str, list[str]] = {}
+    for job in plan.jobs:
+        for override in job.overrides:
+            key, _, value = ov.display(override).lstrip("+~").partition("=")
+            if not key.startswith("hydra"):
+                values.setdefault(key, [])
+                if value not in values[key]:
+                    values[key].append(value)
+    return {key: mask_secrets(",".join(vals))[:6000] for key, vals in values.items() if len(vals) > 1}
+
+
+def summary_columns(metric_name: str) -> list[str]:
+    extra = ["test_acc_at_best"] if metric_name != "max_test_acc" else []
+    return ["job", "model", "overrides", "status", metric_name, *extra, "max_test_acc", "seconds", "run_id"]
+
+
+def plan_metric(plan: Plan) -> str:
+    """The run-level metric that ranks this sweep's runs: from its jobs' select_metric (the first job's if they differ)."""
+    return ranking_metric(getattr(plan.jobs[0].cfg.select_metric, "value", plan.jobs[0].cfg.select_metric))
+
+
+def ranked_rows(rows: list[dict[str, str]], metric_name: str) -> list[dict[str, str]]:
+    """Rows that finished with the metric, best first (results.rank decides the direction)."""
+    scored = [row for row in rows if row["status"] in ("FINISHED", "SKIPPED") and row.get(metric_name)]
+    return rank(scored, metric_name, score=lambda row: float(row[metric_name]))
+
+
+def leaderboard(rows: list[dict[str, str]], metric_name: str, base: str, experiment_id: str) -> str:
+    """The parent run's description: every job, best first, each linked to its run."""
+    ranked = ranked_rows(rows, metric_name)
+    columns = ["rank", "model", "overrides", "status", metric_name, "test_acc_at_best", "max_test_acc", "seconds"]
+    lines = [f"**Leaderboard** by `{metric_name}`, best first (`test_acc_at_best`: the test accuracy at the epoch "
+             "the selection metric picked). Each model links to its run.", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in ranked + [row for row in rows if row not in ranked]:
+        place = str(ranked.index(row) + 1) if row in ranked else ""
+        model = f"[{row['model']}]({links.run_url(base, experiment_id, row['run_id'])})" if row["run_id"] else row["model"]
+        cells = [place, model, f"`{row['overrides']}`", row["status"], row.get(metric_name, ""),
+                 row.get("test_acc_at_best", ""), row["max_test_acc"], row["seconds"]]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str], str], metric_name: str) -> list[dict[str, str]]:
     """One row per job, read back from the store (one search per experiment): what happened, whoever ran it."""
     ran: dict[tuple[str, str], dict[str, Run]] = {}
     rows = []
@@ -293,22 +365,24 @@ def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str]
             if run is not None and run.data.tags.get(tracking.DIVERGED_TAG) == "true":
                 status = "DIVERGED"
         metrics = run.data.metrics if run is not None else {}
-        rows.append({
-            "job": str(job.index),
-            "model": job.model_name,
-            "overrides": job.command,
-            "status": status,
-            "max_test_acc": f"{metrics['max_test_acc']:.4f}" if "max_test_acc" in metrics else "",
-            "seconds": f"{metrics['train_seconds']:.1f}" if "train_seconds" in metrics else "",
-            "run_id": run.info.run_id if run is not None else "",
-        })
+        row = {"job": str(job.index), "model": job.model_name, "overrides": job.command, "status": status}
+        for name in dict.fromkeys((metric_name, "test_acc_at_best", "max_test_acc")):
+            row[name] = f"{metrics[name]:.4f}" if name in metrics else ""
+        row["seconds"] = f"{metrics['train_seconds']:.1f}" if "train_seconds" in metrics else ""
+        row["run_id"] = run.info.run_id if run is not None else ""
+        rows.append(row)
     return rows
 
 
+def _columns(rows: list[dict[str, str]]) -> list[str]:
+    return [column for column in rows[0] if column != "test_acc_at_best" or any(r[column] for r in rows)]
+
+
 def summary_text(rows: list[dict[str, str]]) -> str:
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in SUMMARY_COLUMNS}
-    lines = ["  ".join(c.ljust(widths[c]) for c in SUMMARY_COLUMNS)]
-    lines += ["  ".join(r[c].ljust(widths[c]) for c in SUMMARY_COLUMNS) for r in rows]
+    columns = _columns(rows)
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns) for r in rows]
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
@@ -317,14 +391,15 @@ def summary_text(rows: list[dict[str, str]]) -> str:
 
 
 def summary_markdown(rows: list[dict[str, str]]) -> str:
-    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
-    lines += ["| " + " | ".join(r[c] for c in SUMMARY_COLUMNS) + " |" for r in rows]
+    columns = _columns(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(r[c] for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def summary_csv(rows: list[dict[str, str]]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=SUMMARY_COLUMNS)
+    writer = csv.DictWriter(out, fieldnames=_columns(rows))
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()

@@ -12,10 +12,12 @@ Kept free of torch, so reports and the command line start quickly.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import traceback
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
@@ -25,12 +27,16 @@ from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from fashioncnn.config import ranking_metric
 from fashioncnn.sources import option_source
 
 if TYPE_CHECKING:  # the training loop's types only: importing torch here would slow every report
+    from fashioncnn.data import FashionMNIST
     from fashioncnn.train import EpochMetrics, TrainResult
 
 log = logging.getLogger(__name__)
+# MLflow's system-metrics monitor says three INFO lines per run that tell a user nothing.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 DEFAULT_STORE_DIR = Path("mlruns")
 # A job's decision, handed to it by the sweep's plan through hydra.job.env_set (fashioncnn.sweep).
@@ -45,6 +51,7 @@ PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "sweep_id"
 FINGERPRINT_TAG = "fingerprint"
 DIVERGED_TAG = "diverged"
+PRUNED_TAG = "pruned"  # stopped early by a pruner: never picked by retrain or the registry
 _PASSWORD_IN_URI = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@")
 
 
@@ -202,13 +209,16 @@ def start_run(cfg: DictConfig, model_name: str, fingerprint: str, experiment_id:
     """A new run with the full config, or (resume_run_id) the same run again, moved into the current sweep."""
     tracking_uri = resolve_tracking_uri(cfg)
     mlflow.set_tracking_uri(tracking_uri)
-    if mask_secrets(tracking_uri) != tracking_uri:
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # MLflow would print the URL with its password
+    # MLflow's own "View run at" line links to the GenAI view (and would show a password in the URI);
+    # the job prints the package's link instead.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    system_metrics = bool(cfg.system_metrics)
     if resume_run_id:
-        run = mlflow.start_run(run_id=resume_run_id)
+        run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)
         mlflow.set_tags({**sweep_tags(), "resumed": "true"})
         return run
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=model_name, tags=run_tags(model_name, fingerprint))
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=model_name, tags=run_tags(model_name, fingerprint),
+                           log_system_metrics=system_metrics)
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     mlflow.log_params({key: mask_secrets(str(value)) for key, value in flatten(resolved)})
     mlflow.log_text(mask_secrets(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
@@ -223,24 +233,69 @@ def record_failure(error: BaseException) -> None:
 
 
 def log_epoch(metrics: EpochMetrics) -> None:
-    mlflow.log_metrics(
-        {
-            "train_loss": metrics.train_loss,
-            "train_acc": metrics.train_acc,
-            "test_loss": metrics.test_loss,
-            "test_acc": metrics.test_acc,
-            "epoch_seconds": metrics.epoch_seconds,
-        },
-        step=metrics.epoch,
-    )
+    values = {
+        "train_loss": metrics.train_loss,
+        "train_acc": metrics.train_acc,
+        "test_loss": metrics.test_loss,
+        "test_acc": metrics.test_acc,
+        "epoch_seconds": metrics.epoch_seconds,
+    }
+    if metrics.val_acc is not None:
+        values |= {"val_loss": metrics.val_loss, "val_acc": metrics.val_acc}
+    mlflow.log_metrics(values, step=metrics.epoch)
 
 
-def log_summary(result: TrainResult, param_count: int) -> None:
-    mlflow.log_metrics(
-        {
-            "max_test_acc": result.max_test_acc,
-            "mean_test_acc": result.mean_test_acc,
-            "train_seconds": result.train_seconds,
-            "param_count": float(param_count),
-        }
-    )
+def log_summary(result: TrainResult) -> None:
+    """The run's verdict: its best epoch by the selection metric, what the test set says there, the study's figures."""
+    best = result.best
+    values = {
+        "max_test_acc": result.max_test_acc,  # the study's figure (the test set picks the epoch)
+        "mean_test_acc": result.mean_test_acc,
+        "train_seconds": result.train_seconds,
+        "best_epoch": float(result.best_epoch),
+        "test_acc_at_best": best.test_acc,  # the honest figure: the epoch was picked without the test set
+    }
+    if result.select_metric != "test_acc":
+        values[ranking_metric(result.select_metric)] = getattr(best, result.select_metric)
+    mlflow.log_metrics(values)
+
+
+def log_where_it_ran(device: Any, threads: int, precision: str) -> None:
+    """What actually ran: the device (not `auto`), its name, torch, threads and the precision used."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")),
+                    platform.processor() or platform.machine())
+    mlflow.set_tags({"ran.device": str(device), "ran.device_name": name, "ran.torch": torch.__version__,
+                     "ran.threads": str(threads), "ran.precision": precision})
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def log_datasets(data: FashionMNIST, subset: int | None) -> None:
+    """Fashion-MNIST as MLflow datasets (the runs table's Dataset column): one per split, with the
+    digest of the files read, where they were read from, and what was taken from them."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so, harmlessly
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(data.source))
+    splits = [("train", len(data.train_labels)), ("validation", len(data.val_labels)), ("test", len(data.test_labels))]
+    for context, count in splits:
+        if count == 0:
+            continue
+        # Each split is its own dataset: MLflow keeps one input per dataset and run, whatever its context.
+        digest = hashlib.sha256(f"{data.digest}/{context}/{len(data.val_labels)}/{subset}".encode()).hexdigest()[:16]
+        tags = {"images": str(count)} | ({"subset": str(subset)} if context == "train" and subset is not None else {})
+        mlflow.log_input(MetaDataset(source, name=f"fashion-mnist-{context}", digest=digest), context=context, tags=tags)

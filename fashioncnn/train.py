@@ -38,6 +38,8 @@ class EpochMetrics:
     test_loss: float
     test_acc: float
     epoch_seconds: float
+    val_loss: float | None = None  # None without a validation split
+    val_acc: float | None = None
 
 
 @dataclass
@@ -45,6 +47,14 @@ class TrainResult:
     history: list[EpochMetrics] = field(default_factory=list)
     diverged: str | None = None  # why the divergence guard stopped the run, if it did
     resumed_after_epoch: int = 0  # epochs restored from a checkpoint
+    select_metric: str = "val_acc"
+    best_epoch: int = 0  # the epoch `select_metric` picks (1-based)
+    best_state: dict[str, torch.Tensor] | None = None  # the model's weights at best_epoch, on the CPU
+    precision: str = "fp32"  # what actually ran (bf16 only where native)
+
+    @property
+    def best(self) -> EpochMetrics:
+        return self.history[self.best_epoch - 1]
 
     @property
     def max_test_acc(self) -> float:
@@ -92,6 +102,14 @@ class DivergenceGuard:
             return (f"training accuracy at chance level ({accuracy:.3f} <= {self.cfg.chance_acc}) for "
                     f"{self.windows_at_chance} checks in a row, after {self.images_seen:,} images")
         return None
+
+
+def improves(select_metric: str, candidate: EpochMetrics, best: EpochMetrics | None) -> bool:
+    """Whether `candidate` beats `best` on the selection metric (accuracies up, losses down; ties keep the earlier)."""
+    if best is None:
+        return True
+    new, old = getattr(candidate, select_metric), getattr(best, select_metric)
+    return new < old if select_metric.endswith("loss") else new > old
 
 
 def save_checkpoint(path: Path, **state: object) -> None:
@@ -258,12 +276,16 @@ def train(
     data = data.to(device)
     train_images = data.train_images.contiguous(memory_format=memory_format)
     test_images = data.test_images.contiguous(memory_format=memory_format)
+    val_images = data.val_images.contiguous(memory_format=memory_format)
     network = training_network(cfg, model, device)
     step = torch.compile(network) if cfg.speed.compile else network
     optimizer = make_optimizer(cfg, model)
     n_train, batch_size = len(train_images), cfg.batch_size
     n_batches = (n_train + batch_size - 1) // batch_size
-    result = TrainResult()
+    result = TrainResult(select_metric=getattr(cfg.select_metric, "value", cfg.select_metric),
+                         precision="bf16" if autocast else "fp32")
+    if result.select_metric.startswith("val_") and not len(val_images):
+        raise ValueError(f"select_metric={result.select_metric} needs validation images; the data has none (val_size=0?)")
     guard = DivergenceGuard(cfg.divergence)
     if checkpoint is not None and checkpoint.exists():
         # Everything the next epoch depends on, so a resumed run ends exactly as an uninterrupted one.
@@ -274,6 +296,7 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         result.history = [EpochMetrics(**m) for m in state["history"]]
         result.resumed_after_epoch = len(result.history)
+        result.best_epoch, result.best_state = state["best_epoch"], state["best_model"]
         guard.images_seen = state["images_seen"]
         log.info("resumed from %s after epoch %d", checkpoint, result.resumed_after_epoch)
 
@@ -307,12 +330,19 @@ def train(
                     break
         seen = min((batch + 1) * batch_size, n_train)  # fewer than n_train when the guard stopped the epoch
         train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
+        val_loss = val_acc = None
+        if len(val_images):
+            val_loss, val_acc = evaluate(step, val_images, data.val_labels, cfg.speed.eval_batch_size, autocast)
         test_loss, test_acc = evaluate(step, test_images, data.test_labels, cfg.speed.eval_batch_size, autocast)
-        metrics = EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc, time.perf_counter() - started)
+        metrics = EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc, time.perf_counter() - started, val_loss, val_acc)
         log.info(
-            "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  %.1fs",
-            epoch, cfg.epochs, train_loss, train_acc, test_loss, test_acc, metrics.epoch_seconds,
+            "epoch %d/%d  train loss %.4f acc %.4f  %stest loss %.4f acc %.4f  %.1fs",
+            epoch, cfg.epochs, train_loss, train_acc,
+            "" if val_acc is None else f"val loss {val_loss:.4f} acc {val_acc:.4f}  ", test_loss, test_acc, metrics.epoch_seconds,
         )
+        if improves(result.select_metric, metrics, result.best if result.best_epoch else None):
+            result.best_epoch = epoch
+            result.best_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
         result.history.append(metrics)
         on_epoch(metrics)
         if result.diverged:
@@ -327,5 +357,7 @@ def train(
                 torch_rng=torch.get_rng_state(),
                 history=[vars(m) for m in result.history],
                 images_seen=guard.images_seen,
+                best_epoch=result.best_epoch,
+                best_model=result.best_state,
             )
     return result

@@ -49,7 +49,7 @@ def test_a_failing_job_does_not_stop_the_sweep_and_a_rerun_retries_only_it(tmp_p
     table = open(client.download_artifacts(parent.info.run_id, "summary.md", str(tmp_path))).read()
     assert failed.info.run_id in table and finished.info.run_id in table
     csv_rows = open(client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path))).read().splitlines()
-    assert csv_rows[0] == "job,model,overrides,status,max_test_acc,seconds,run_id" and len(csv_rows) == 3
+    assert csv_rows[0] == "job,model,overrides,status,best_val_acc,test_acc_at_best,max_test_acc,seconds,run_id" and len(csv_rows) == 3
 
     again = run_cli(args, cwd=tmp_path)
     assert again.returncode == 1

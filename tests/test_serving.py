@@ -26,9 +26,12 @@ from PIL import Image, ImageDraw
 from fashioncnn import predict, register, serving
 from fashioncnn.data import MEAN, STD
 from fashioncnn.model import ModelSpec, build_model
-from fashioncnn.results import DEFAULT_METRIC, ResultsError
+from fashioncnn.results import ResultsError
 
 from conftest import write_idx
+
+# Made-up runs without a select_metric param rank, like runs from before validation splits, by max_test_acc.
+RANKED_BY = "max_test_acc"
 
 EXPERIMENT = "fashioncnn"
 SWEEP = "sweep-serving-test"
@@ -80,13 +83,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 info = serving.log_model(network)
-            mlflow.log_metric(DEFAULT_METRIC, 0.80)
+            mlflow.log_metric(RANKED_BY, 0.80)
     finally:
         mlflow.set_tracking_uri(previous)
 
     def job(status: str, value: float, **tags: str) -> str:
         made = client.create_run(experiment_id, tags={"fashioncnn.role": "job", "sweep_id": SWEEP, "model_name": "M9.9.9.9", **tags})
-        client.log_metric(made.info.run_id, DEFAULT_METRIC, value)
+        client.log_metric(made.info.run_id, RANKED_BY, value)
         client.set_terminated(made.info.run_id, status)
         return made.info.run_id
 
@@ -173,14 +176,14 @@ def test_register_picks_the_best_finished_run_that_has_not_diverged_or_been_prun
     assert registered.returncode == 0, registered.stderr
     line = registered.stdout.strip()
     assert line == (f"registered {EXPERIMENT} version 1 (alias champion): M2.2.8.8 run {store['run_id']}, "
-                    f"{DEFAULT_METRIC}=0.8000  models:/{EXPERIMENT}@champion")
+                    f"{RANKED_BY}=0.8000  models:/{EXPERIMENT}@champion")
     client = store["client"]
     version = client.get_model_version_by_alias(EXPERIMENT, "champion")
     assert (str(version.version), version.run_id, version.source) == ("1", store["run_id"], store["info"].model_uri)
     logged = client.get_logged_model(store["info"].model_id)
     assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": EXPERIMENT, "version": version.version}]
     assert version.tags == {"sweep_id": SWEEP, "source_run_id": store["run_id"], "model_name": "M2.2.8.8",
-                            "metric": DEFAULT_METRIC, "metric_value": "0.8"}
+                            "metric": RANKED_BY, "metric_value": "0.8"}
     assert not list(store["cwd"].iterdir())  # nothing went to a default store in the working directory
     again = register.register(client, SWEEP)  # the same best model again: the same version, not a copy
     assert again.startswith(f"registered {EXPERIMENT} version 1 (alias champion): M2.2.8.8 run {store['run_id']}")
@@ -191,7 +194,7 @@ def test_register_refuses_what_has_nothing_to_register(store):
     runs = [store["client"].get_run(store[key]) for key in ("diverged", "failed", "pruned")]
     with pytest.raises(ResultsError, match=r"^sweep x: none of its 3 runs finished without diverging or being pruned "
                                            r"\(1 FAILED, 1 diverged, 1 pruned\)$"):
-        register.best_run(runs, DEFAULT_METRIC, "sweep x")
+        register.best_run(runs, RANKED_BY, "sweep x")
     with pytest.raises(ResultsError, match="--metric nope: unknown metric"):
         register.best_run([store["client"].get_run(store["worse"])], "nope", "sweep x")
 

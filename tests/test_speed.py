@@ -26,7 +26,7 @@ def compose(*args):
     return cfg
 
 
-def tiny_data(train_count=192, test_count=64) -> FashionMNIST:
+def tiny_data(train_count=192, test_count=64, val_count=32) -> FashionMNIST:
     generator = torch.Generator().manual_seed(0)
     return FashionMNIST(
         torch.randn(train_count, 1, 28, 28, generator=generator),
@@ -34,6 +34,8 @@ def tiny_data(train_count=192, test_count=64) -> FashionMNIST:
         torch.randn(test_count, 1, 28, 28, generator=generator),
         torch.randint(0, 10, (test_count,), generator=generator),
         source=None,
+        val_images=torch.randn(val_count, 1, 28, 28, generator=generator),
+        val_labels=torch.randint(0, 10, (val_count,), generator=generator),
     )
 
 

@@ -1,0 +1,120 @@
+"""Choosing a model honestly: the validation split, the best epoch by the selection metric, ranking by it."""
+
+import numpy as np
+import pytest
+import torch
+from mlflow.entities import Param, Run, RunData, RunInfo
+
+from fashioncnn.config import ConfigError, ranking_metric
+from fashioncnn.data import load, validation_indices
+from fashioncnn.model import ModelSpec, build_model
+from fashioncnn.preflight import jobs_of
+from fashioncnn.results import ResultsError, resolve_metric
+from fashioncnn.sweep import fingerprint
+from fashioncnn.train import EpochMetrics, improves, train
+
+from conftest import write_idx
+
+
+def compose(*args):
+    ((_, cfg),) = jobs_of(list(args))
+    return cfg
+
+
+def test_the_hold_out_is_stratified_seeded_and_the_same_for_every_run():
+    labels = np.repeat(np.arange(10), [700, 300, 500, 500, 500, 500, 500, 500, 500, 500])
+    held = validation_indices(labels, 500)
+    assert len(held) == 500 == len(set(held.tolist()))
+    assert np.bincount(labels[held]).tolist() == [70, 30, 50, 50, 50, 50, 50, 50, 50, 50]  # as in the whole
+    assert np.array_equal(held, validation_indices(labels, 500))  # seeded: every run validates on these
+    assert not np.array_equal(held, validation_indices(labels, 500, seed=1))
+    assert len(validation_indices(labels, 7)) == 7 and len(validation_indices(labels, 0)) == 0
+
+
+def test_subset_trains_on_the_rest_and_validates_on_the_same_hold_out(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (100, 28, 28), dtype=np.uint8)
+    images[:, 0, 0] = np.arange(100)  # each image tells its index
+    for split, count, data in (("train", 100, images), ("t10k", 20, images[:20])):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", data[:count])
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", (np.arange(count) % 10).astype(np.uint8))
+
+    def ids(tensor):  # back from normalised pixels to the image index
+        from fashioncnn.data import MEAN, STD
+        return sorted(round(float(v) * STD * 255 + MEAN * 255) for v in tensor[:, 0, 0, 0])
+
+    whole = load(tmp_path, val_size=20, expected_counts=(100, 20), download=False)
+    small = load(tmp_path, subset=10, val_size=20, expected_counts=(100, 20), download=False)
+    assert ids(whole.val_images) == ids(small.val_images) and len(whole.val_labels) == 20
+    assert torch.bincount(whole.val_labels).tolist() == [2] * 10
+    assert not set(ids(whole.val_images)) & set(ids(whole.train_images)) and len(whole.train_labels) == 80
+    assert len(small.train_labels) == 10 and set(ids(small.train_images)) <= set(ids(whole.train_images))
+    assert whole.digest == small.digest and len(whole.digest) == 16
+    assert len(load(tmp_path, val_size=0, expected_counts=(100, 20), download=False).val_labels) == 0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["val_size=-1"], "val_size=-1: not allowed, must be an integer from 0 (no validation split) to 59990"),
+        (["subset=58000"], "subset=58000: not allowed with val_size=5000, at most 55000 training images remain"),
+        (["val_size=0"], "select_metric=val_acc: needs a validation split, but val_size=0; set val_size"),
+        (["select_metric=f1"], "select_metric=f1: Invalid value 'f1', expected one of [val_acc, val_loss, test_acc, test_loss]"),
+    ],
+)
+def test_selection_settings_are_checked_before_training(args, message):
+    with pytest.raises(ConfigError) as caught:
+        compose(*args)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_the_studys_protocol_and_the_old_runs_keep_their_fingerprints():
+    study = compose("val_size=0", "select_metric=test_acc")
+    # val_size=0 and the selection metric leave the fingerprint as it was before either existed
+    assert fingerprint(study) == fingerprint(compose("val_size=0", "select_metric=test_acc", "log_model=false"))
+    assert fingerprint(study) != fingerprint(compose())  # holding 5,000 images out trains another model
+    for preset in ("step1-conv", "step3-channels", "step4-lr-variations"):
+        cfg = jobs_of(["-m", f"+study={preset}"])[0][1]
+        assert (cfg.val_size, cfg.select_metric.value) == (0, "test_acc")
+
+
+def metrics(epoch, val_acc, val_loss=1.0, test_acc=0.5):
+    return EpochMetrics(epoch, 1.0, 0.5, 1.0, test_acc, 1.0, val_loss, val_acc)
+
+
+def test_the_best_epoch_is_the_selection_metrics():
+    assert improves("val_acc", metrics(2, 0.8), metrics(1, 0.7))
+    assert not improves("val_acc", metrics(2, 0.7), metrics(1, 0.7))  # a tie keeps the earlier epoch
+    assert improves("val_loss", metrics(2, 0.1, val_loss=0.3), metrics(1, 0.9, val_loss=0.4))
+    assert not improves("test_acc", metrics(2, 0.9, test_acc=0.4), metrics(1, 0.1, test_acc=0.5))
+    assert ranking_metric("val_acc") == "best_val_acc" and ranking_metric("test_acc") == "max_test_acc"
+
+
+def test_the_run_keeps_the_weights_of_its_best_epoch():
+    from test_speed import tiny_data
+
+    cfg = compose("model.filter_in=4", "model.filter_out=4", "epochs=4", "device=cpu", "optim.lr=0.05")
+    data = tiny_data(train_count=256)
+    snapshots = []
+    torch.manual_seed(cfg.seed)
+    model = build_model(ModelSpec.from_config(cfg.model))
+    result = train(cfg, model, data, torch.device("cpu"),
+                   on_epoch=lambda m: snapshots.append({k: v.clone() for k, v in model.state_dict().items()}))
+    val = [m.val_acc for m in result.history]
+    assert result.best_epoch == val.index(max(val)) + 1
+    for key, value in result.best_state.items():
+        assert torch.equal(value, snapshots[result.best_epoch - 1][key])
+
+
+def run_with(select_metric=None):
+    params = [Param("select_metric", select_metric)] if select_metric else []
+    return Run(RunInfo("r", "0", "u", "FINISHED", 0, 0, "active"), RunData(params=params))
+
+
+def test_ranking_follows_the_runs_selection_metric():
+    assert resolve_metric([run_with("val_acc"), run_with("val_acc")], "auto") == "best_val_acc"
+    assert resolve_metric([run_with("test_acc")], "auto") == "max_test_acc"
+    assert resolve_metric([run_with()], "auto") == "max_test_acc"  # runs from before validation splits
+    assert resolve_metric([run_with("val_acc")], "mean_test_acc") == "mean_test_acc"
+    with pytest.raises(ResultsError, match="selected by different metrics \\(best_val_acc, max_test_acc\\)"):
+        resolve_metric([run_with("val_acc"), run_with("test_acc")], "auto")
