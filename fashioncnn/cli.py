@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, team_dirs = sources.take_config_dirs([a for a in typed if a != "--dry-run"])
     if sources.missing_dirs(team_dirs):
         _fail(f"config directory {sources.missing_dirs(team_dirs)[0]} does not exist (from --config-dir or ${sources.CONFIG_PATH_ENV})")
+    broken = sources.broken_yaml(team_dirs)
+    if broken:
+        _fail(broken)
     for warning in sources.shadowed(team_dirs):
         print(f"warning: {warning}", file=sys.stderr)
     options = sources.group_options(team_dirs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, Optional
 
@@ -68,6 +68,9 @@ class DivergenceConfig:
     patience: int = 3  # consecutive checks at chance before the run stops
     check_every: int = 50  # training steps between checks
     warmup_images: int = 10_000  # no chance-level verdict before the model has seen this many images
+    # Mean training loss over a check's window above this: diverged (chance: ln 10 = 2.3); null: off. At the
+    # default the key stays out of the fingerprint: it only ever stops runs that are diverging anyway.
+    max_loss: Optional[float] = field(default=100.0, metadata={"fingerprint_neutral": 100.0})
 
 
 @dataclass
@@ -140,9 +143,15 @@ def not_learned_keys() -> list[str]:
     return [f.name for f in fields(Config) if f.metadata.get("learns", True) is False]
 
 
-def fingerprint_neutral() -> dict[str, Any]:
-    """Keys added after runs existed, with the value at which they leave the fingerprint (old runs trained so)."""
-    return {f.name: f.metadata["fingerprint_neutral"] for f in fields(Config) if "fingerprint_neutral" in f.metadata}
+def fingerprint_neutral(node: Any = None, prefix: str = "") -> dict[str, Any]:
+    """Keys added after runs existed (dotted), with the value at which they leave the fingerprint (old runs trained so)."""
+    found = {}
+    for f in fields(node or Config):
+        if "fingerprint_neutral" in f.metadata:
+            found[prefix + f.name] = f.metadata["fingerprint_neutral"]
+        elif f.default_factory is not MISSING and is_dataclass(f.default_factory):
+            found |= fingerprint_neutral(f.default_factory, f"{prefix}{f.name}.")
+    return found
 
 
 def ranking_metric(select_metric: str) -> str:
@@ -190,6 +199,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "divergence.patience": (_positive_int, "an integer >= 1"),
     "divergence.check_every": (_positive_int, "an integer >= 1"),
     "divergence.warmup_images": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "divergence.max_loss": (lambda v: v is None or (isinstance(v, float) and v > math.log(10)),
+                            "null (off) or a number above ln 10 = 2.3, the loss of a chance-level guess"),
     "checkpoint_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a directory path"),
     "model.conv": (_positive_int, "an integer >= 1 (the study uses 1, 2 or 3)"),
     "model.lin": (_positive_int, "an integer >= 1 (the study uses 2, 3 or 4)"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,28 @@ class DataNotFoundError(RuntimeError):
     pass
 
 
+class DataDamagedError(ValueError):
+    """A data file that cannot be read whole; the message names it and says how to get good data."""
+
+
+HOW_TO_GET_GOOD_DATA = (f"delete it and get the four files again: apt-get install --reinstall dataset-fashion-mnist "
+                        f"(into {DEBIAN_DIR}), copy them into data_dir, or let torchvision download them into data_dir "
+                        "on a machine with internet")
+
+
+def check_local(data_dir: str | Path, val_size: int = 0) -> Path | None:
+    """Read and verify the data where it is on this machine (about a second); None when it is not here.
+
+    The command line calls it before any job starts, so damaged data is one line, not a FAILED run per job.
+    """
+    try:
+        paths = locate(data_dir, download=False)
+    except DataNotFoundError:
+        return None  # maybe a download, or another machine (a cluster's node), has it: the job will tell
+    load(data_dir, val_size=val_size, download=False)
+    return paths["train_images"].parent
+
+
 @dataclass
 class FashionMNIST:
     train_images: torch.Tensor  # float32, N x 1 x 28 x 28, normalised
@@ -77,7 +100,10 @@ def read_idx(path: Path) -> np.ndarray:
     """Read one IDX file (http://yann.lecun.com/exdb/mnist/ format), gzipped or not."""
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # cut short or corrupted on the way
+            raise DataDamagedError(f"{path} is damaged ({error}); {HOW_TO_GET_GOOD_DATA}") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
     dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
@@ -85,7 +111,8 @@ def read_idx(path: Path) -> np.ndarray:
     offset = 4 + 4 * ndim
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - offset != expected:
-        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but {len(raw) - offset} bytes follow")
+        raise DataDamagedError(f"{path} is damaged: its header says shape {shape} ({expected} bytes) but "
+                               f"{len(raw) - offset} bytes follow; {HOW_TO_GET_GOOD_DATA}")
     return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(shape)
 
 

@@ -99,6 +99,27 @@ def known_keys(node: Any = None, prefix: str = "") -> list[str]:
     return keys
 
 
+def check_machine(configs: Sequence[DictConfig], runs_here: bool) -> None:
+    """What the jobs need of the machine that runs them, checked here when that is this machine: a CUDA
+    device when one is asked for, and data that reads whole (ConfigError, one line)."""
+    if not runs_here:
+        return  # a cluster's nodes have their own GPUs and files
+    import torch
+
+    from fashioncnn.data import check_local
+
+    for device in sorted({cfg.device for cfg in configs if str(cfg.device).startswith("cuda")}):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device}: no CUDA device is available on this machine; use device=auto or device=cpu")
+        if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+            raise ConfigError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    for data_dir in sorted({cfg.data_dir for cfg in configs}):
+        try:
+            check_local(data_dir)
+        except ValueError as error:  # damaged, or not Fashion-MNIST's shape
+            raise ConfigError(str(error)) from error
+
+
 def _check_unknown_keys(cfg: DictConfig) -> None:
     known = set(known_keys())
     for key in known_keys(cfg):

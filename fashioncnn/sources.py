@@ -48,6 +48,23 @@ def missing_dirs(dirs: Sequence[Path]) -> list[Path]:
     return [d for d in dirs if not d.is_dir()]
 
 
+def broken_yaml(dirs: Sequence[Path]) -> str | None:
+    """The first option file of the team directories that is not valid YAML, as `path:line: what is wrong`."""
+    import yaml
+
+    for directory in dirs:
+        for path in sorted(directory.rglob("*.yaml")) if directory.is_dir() else []:
+            try:
+                yaml.safe_load(path.read_text())
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+                problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+                context = getattr(error, "context", None)
+                return f"{where}: broken YAML: {problem}" + (f" ({context})" if context else "")
+    return None
+
+
 def with_search_path(args: Sequence[str], dirs: Sequence[Path]) -> list[str]:
     """Add the directories to a hydra.searchpath=[...] override (merged into one already given)."""
     if not dirs:

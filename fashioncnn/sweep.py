@@ -48,8 +48,12 @@ def fingerprint(cfg: DictConfig) -> str:
     for key in not_learned_keys():
         content.pop(key, None)
     for key, neutral in fingerprint_neutral().items():
-        if content.get(key) == neutral:
-            del content[key]
+        *parents, leaf = key.split(".")
+        node = content
+        for parent in parents:
+            node = node.get(parent, {})
+        if leaf in node and node[leaf] == neutral:
+            del node[leaf]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -107,6 +111,8 @@ def _store_error(uri: str, experiment: str, error: Exception) -> StoreError:
 def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequence[str]]) -> Plan:
     """Compose, validate and decide every job; reads the store, writes nothing. ConfigError (one line) if any job is bad."""
     jobs = preflight.compose_jobs(args, options)
+    preflight.check_machine([cfg for _, cfg in jobs], runs_here=not any(
+        arg.startswith("hydra/launcher=") and "slurm" in arg for arg in args))
     known: dict[tuple[str, str], dict[str, list[Run]]] = {}
     planned = []
     for index, (overrides, cfg) in enumerate(jobs):
@@ -114,6 +120,7 @@ def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequen
         if (uri, cfg.experiment) not in known:
             try:
                 store = tracking.store(uri)
+                store.check_reachable()
                 experiment_id = store.experiment_id(cfg.experiment)
                 known[uri, cfg.experiment] = store.runs_by_fingerprint(experiment_id) if experiment_id else {}
             except Exception as error:

@@ -105,6 +105,22 @@ class Store:
         path = sqlite_path(self.uri)
         return path is None or path.exists()
 
+    def check_reachable(self, timeout: float = 5.0) -> None:
+        """For a tracking server: one request with a short timeout, so a wrong address fails in seconds
+        (MLflow's own client retries for minutes). Raises OSError with the reason."""
+        if not self.uri.startswith(("http://", "https://")):
+            return
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{self.uri.rstrip('/')}/health", timeout=timeout)
+        except urllib.error.HTTPError:
+            return  # it answered (a proxy or an auth layer may refuse /health): reachable
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise OSError(f"no answer within {timeout:g} s ({reason})") from error
+
     def experiment_id(self, name: str, create: bool = False) -> str | None:
         """The experiment's id; with `create`, the store and experiment are made when missing."""
         if name in self._experiment_ids:

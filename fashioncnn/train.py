@@ -70,7 +70,7 @@ class TrainResult:
 
 
 class DivergenceGuard:
-    """Stops a run early when its training loss is no longer finite or its accuracy stays at chance.
+    """Stops a run early when its training loss is no longer finite or above a bound, or its accuracy stays at chance.
 
     The study's diverged models sat at ~10% accuracy and still trained for their full time. Checked
     every `check_every` steps (one host sync each), on the training batches seen since the last check.
@@ -92,6 +92,11 @@ class DivergenceGuard:
             return f"training loss became {loss_sum} after {self.images_seen + seen - self.last[2]:,} images"
         window = seen - self.last[2]
         accuracy = (correct - self.last[1]) / window
+        mean_loss = (loss_sum - self.last[0]) / window
+        if self.cfg.max_loss is not None and mean_loss > self.cfg.max_loss:
+            # A finite but huge loss (lr=1e6 reached 4.9e30) can still sit above chance accuracy.
+            return (f"training loss {mean_loss:.3g} over the last {window:,} images, above divergence.max_loss="
+                    f"{self.cfg.max_loss:g}, after {self.images_seen + window:,} images")
         self.images_seen += window
         self.last = (loss_sum, correct, seen)
         if self.images_seen < self.cfg.warmup_images or accuracy > self.cfg.chance_acc:

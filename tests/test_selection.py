@@ -118,3 +118,19 @@ def test_ranking_follows_the_runs_selection_metric():
     assert resolve_metric([run_with("val_acc")], "mean_test_acc") == "mean_test_acc"
     with pytest.raises(ResultsError, match="selected by different metrics \\(best_val_acc, max_test_acc\\)"):
         resolve_metric([run_with("val_acc"), run_with("test_acc")], "auto")
+
+
+def test_keys_added_since_keep_the_fingerprints_of_earlier_runs():
+    # Before the speed node, validation splits and divergence.max_loss, the fingerprint hashed exactly these keys.
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    cfg = jobs_of(["-m", "+study=step1-conv"])[0][1]
+    content = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    earlier = {key: content[key] for key in ("model", "optim", "epochs", "batch_size", "seed", "subset", "precision", "divergence", "debug")}
+    earlier["divergence"] = {key: value for key, value in earlier["divergence"].items() if key != "max_loss"}
+    assert fingerprint(cfg) == hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()[:16]
+    assert fingerprint(compose("val_size=0", "select_metric=test_acc", "divergence.max_loss=50")) != fingerprint(
+        compose("val_size=0", "select_metric=test_acc"))

@@ -31,7 +31,7 @@ STUDY = {
     "step3-retrain30": ([(m, 0.01) for m in BEST4], 30),
     "step4-lr": ([(m, 0.001) for m in BEST4], 5),
     "step4-retrain50": ([("M2.2.32.32", 0.001), ("M2.2.32.64", 0.001)], 50),
-    "step4-lr-variations": ([("M2.2.32.32", 0.005), ("M2.2.32.32", 0.0005)], 50),
+    "step4-lr-variations": ([(m, lr) for m in ("M2.2.32.32", "M2.2.32.64") for lr in (0.005, 0.0005)], 5),
 }
 
 

@@ -1,0 +1,83 @@
+"""Bad input and bad surroundings, as a new user meets them: one clear line, exit 2, nothing created or lost."""
+
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fashioncnn.data import DEBIAN_DIR, DataDamagedError, read_idx
+from fashioncnn.train import DivergenceGuard
+
+from conftest import run_cli, write_idx
+
+needs_data = pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")
+
+
+def one_error_line(result) -> str:
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ")
+    return line
+
+
+@needs_data
+def test_a_truncated_data_file_is_named_as_damaged_before_anything_trains(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for file in DEBIAN_DIR.glob("*.gz"):
+        shutil.copy(file, data)
+    train_images = data / "train-images-idx3-ubyte.gz"
+    train_images.write_bytes(train_images.read_bytes()[:10_000])  # cut at 10 kB, as a broken download is
+    line = one_error_line(run_cli(["epochs=1"], cwd=tmp_path))
+    assert line.startswith("error: data/train-images-idx3-ubyte.gz is damaged (Compressed file ended")
+    assert "apt-get install --reinstall dataset-fashion-mnist" in line and "torchvision download" in line
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_damaged_files_name_themselves(tmp_path):
+    write_idx(tmp_path / "plain", __import__("numpy").zeros((3, 28, 28), dtype="uint8"))
+    (tmp_path / "plain").write_bytes((tmp_path / "plain").read_bytes()[:-10])
+    with pytest.raises(DataDamagedError, match=r"plain is damaged: its header says shape \(3, 28, 28\)"):
+        read_idx(tmp_path / "plain")
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(bytes(range(256)) * 40)[:100])  # cut short
+    with pytest.raises(DataDamagedError, match="cut.gz is damaged"):
+        read_idx(tmp_path / "cut.gz")
+
+
+def test_an_unreachable_tracking_server_fails_in_seconds(tmp_path):
+    line = one_error_line(run_cli(["tracking_uri=http://127.0.0.1:1", "data_dir=nowhere"], cwd=tmp_path, timeout=60))
+    assert line.startswith("error: tracking store http://127.0.0.1:1 (experiment 'fashioncnn') cannot be used: no answer within 5 s")
+    assert "Connection refused" in line
+
+
+def test_cuda_without_a_gpu_is_refused_in_preflight(tmp_path, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    line = one_error_line(run_cli(["-m", "device=cuda,cpu", "data_dir=nowhere"], cwd=tmp_path))
+    assert line == "error: device=cuda: no CUDA device is available on this machine; use device=auto or device=cpu"
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_team_option_file_with_broken_yaml_is_named_with_its_line(tmp_path):
+    (tmp_path / "team" / "lr").mkdir(parents=True)
+    (tmp_path / "team" / "lr" / "broken.yaml").write_text("# @package optim\nlr: [0.1, 0.2\nfoo: 1\n")
+    line = one_error_line(run_cli(["--config-dir", "team", "lr=broken"], cwd=tmp_path))
+    assert line == (f"error: {tmp_path / 'team' / 'lr' / 'broken.yaml'}:3: broken YAML: expected ',' or ']', but got ':' "
+                    "(while parsing a flow sequence)")
+
+
+class Divergence:  # the divergence.* config, as the guard reads it
+    enabled, chance_acc, patience, warmup_images, max_loss = True, 0.15, 3, 0, 100.0
+
+
+def test_a_finite_but_huge_training_loss_stops_the_run():
+    guard = DivergenceGuard(Divergence())
+    assert guard.check(loss_sum=64 * 2.0, correct=40, seen=64) is None  # an ordinary window
+    reason = guard.check(loss_sum=64 * 2.0 + 64 * 4.9e30, correct=80, seen=128)  # lr=1e6 did this, at 72% accuracy
+    assert reason.startswith("training loss 4.9e+30 over the last 64 images, above divergence.max_loss=100")
+    off = Divergence()
+    off.max_loss = None
+    assert DivergenceGuard(off).check(loss_sum=64 * 4.9e30, correct=50, seen=64) is None
