@@ -42,8 +42,25 @@ class OptimizerImpl(Enum):
 
 
 class Precision(Enum):
+    auto = "auto"  # bf16 where it is native (CPU avx512_bf16/amx_bf16, CUDA with bf16), else fp32
     fp32 = "fp32"
     bf16 = "bf16"
+
+
+class Norm(Enum):
+    none = "none"
+    batch = "batch"  # BatchNorm after each conv
+
+
+class Schedule(Enum):
+    constant = "constant"
+    onecycle = "onecycle"  # torch's OneCycleLR up to optim.lr and down, stepped per batch
+    cosine = "cosine"  # linear warm-up for warmup_epochs, then cosine to 0, stepped per batch
+
+
+def _added(default: Any) -> Any:
+    """A key added after runs existed: at its default it stays out of the fingerprint (those runs trained so)."""
+    return field(default=default, metadata={"fingerprint_neutral": default})
 
 
 @dataclass
@@ -53,12 +70,31 @@ class ModelConfig:
     filter_in: int = 32  # output channels of the first conv
     filter_out: int = 32  # output channels of every later conv
     kernel_size: int = 3
+    norm: Norm = _added(Norm.none)
+    dropout: float = _added(0.0)  # rate of a Dropout before each hidden linear layer
 
 
 @dataclass
 class OptimConfig:
     name: Optimizer = Optimizer.adam
     lr: float = 0.001
+
+
+@dataclass
+class AugmentConfig:
+    """Training images only, on the training device, seeded (conf/augment/: none, flip, flip_crop)."""
+
+    flip: bool = _added(False)  # random horizontal flip, half of the images
+    shift: int = _added(0)  # random translation by up to this many pixels in x and y
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning rate over the run, stepped per batch (conf/schedule/: constant, onecycle, cosine)."""
+
+    name: Schedule = _added(Schedule.constant)
+    warmup_epochs: float = _added(1.0)  # cosine: linear warm-up from 0
+    pct_start: float = _added(0.3)  # onecycle: the share of the steps spent rising to optim.lr
 
 
 @dataclass
@@ -127,8 +163,13 @@ class Config:
     data_dir: str = _not_learned("data")  # searched first; torchvision downloads here when the machine can
     experiment: str = _not_learned("fashioncnn")  # MLflow experiment name
     tracking_uri: Optional[str] = _not_learned(None)  # None: $MLFLOW_TRACKING_URI, else the local store in ./mlruns
-    # bf16 rounds differently enough to change results: a training choice, so outside `speed`.
-    precision: Precision = Precision.fp32
+    # Beyond the study (off by default, so the study's models stay exactly as they were).
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    label_smoothing: float = _added(0.0)
+    # bf16 rounds differently enough to change results: a training choice, so outside `speed`. In the
+    # fingerprint `auto` counts as what it means on the machine that plans the sweep.
+    precision: Precision = Precision.auto
     speed: SpeedConfig = _not_learned(factory=SpeedConfig)  # see README, "Speed"
     # Sweeps that never lose work (see README, "Sweeps that never lose work").
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
@@ -148,7 +189,8 @@ def fingerprint_neutral(node: Any = None, prefix: str = "") -> dict[str, Any]:
     found = {}
     for f in fields(node or Config):
         if "fingerprint_neutral" in f.metadata:
-            found[prefix + f.name] = f.metadata["fingerprint_neutral"]
+            neutral = f.metadata["fingerprint_neutral"]
+            found[prefix + f.name] = getattr(neutral, "value", neutral)  # as the resolved config spells it
         elif f.default_factory is not MISSING and is_dataclass(f.default_factory):
             found |= fingerprint_neutral(f.default_factory, f"{prefix}{f.name}.")
     return found
@@ -207,6 +249,11 @@ _RULES: dict[str, tuple[Any, str]] = {
     "model.filter_in": (_positive_int, "an integer >= 1"),
     "model.filter_out": (_positive_int, "an integer >= 1"),
     "model.kernel_size": (lambda v: isinstance(v, int) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
+    "model.dropout": (lambda v: isinstance(v, float) and 0 <= v < 1, "a number from 0 (none) to 1 (exclusive)"),
+    "label_smoothing": (lambda v: isinstance(v, float) and 0 <= v < 1, "a number from 0 (none) to 1 (exclusive)"),
+    "augment.shift": (lambda v: isinstance(v, int) and 0 <= v <= 8, "an integer from 0 to 8 (pixels)"),
+    "schedule.warmup_epochs": (lambda v: isinstance(v, float) and v >= 0, "a number of epochs >= 0"),
+    "schedule.pct_start": (lambda v: isinstance(v, float) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
 }
 
 

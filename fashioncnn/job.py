@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from fashioncnn import links, tracking
 from fashioncnn.data import load
-from fashioncnn.model import ModelSpec, build_model, count_parameters
+from fashioncnn.model import ModelSpec, build_model, count_parameters, run_name
 from fashioncnn.train import resolve_device, train
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ def train_and_log(cfg: DictConfig) -> float | None:
     resume_run_id = os.environ.get(tracking.RESUME_RUN_ENV)
     # The run starts before anything that can fail on this machine (device, data), so a failure is a
     # FAILED run with its error in MLflow, not just a traceback in a terminal.
-    run = tracking.start_run(cfg, spec.name, os.environ[tracking.FINGERPRINT_ENV], os.environ[tracking.EXPERIMENT_ID_ENV], resume_run_id)
+    name = run_name(cfg)
+    run = tracking.start_run(cfg, name, os.environ[tracking.FINGERPRINT_ENV], os.environ[tracking.EXPERIMENT_ID_ENV], resume_run_id)
     checkpoint = tracking.checkpoint_path(cfg, run.info.run_id)
     try:
         if cfg.speed.threads:
@@ -78,7 +79,7 @@ def train_and_log(cfg: DictConfig) -> float | None:
         if resume_run_id is None:
             mlflow.log_metric("param_count", param_count)
             tracking.log_datasets(data, cfg.subset)
-        log.info("%s: %s parameters, %d training and %d validation images from %s, device %s", spec.name,
+        log.info("%s: %s parameters, %d training and %d validation images from %s, device %s", name,
                  f"{param_count:,}", len(data.train_labels), len(data.val_labels), data.source, device)
         result = train(cfg, model, data, device, on_epoch=tracking.log_epoch, checkpoint=checkpoint)
         tracking.log_where_it_ran(device, torch.get_num_threads(), result.precision)
@@ -99,7 +100,7 @@ def train_and_log(cfg: DictConfig) -> float | None:
         mlflow.end_run("FAILED")
         if not _in_sweep():
             raise
-        log.exception("%s: FAILED (run %s); the sweep goes on", spec.name, run.info.run_id)
+        log.exception("%s: FAILED (run %s); the sweep goes on", name, run.info.run_id)
         return None
 
     if cfg.keep_checkpoint and checkpoint.exists():
@@ -108,7 +109,7 @@ def train_and_log(cfg: DictConfig) -> float | None:
     mlflow.end_run("FINISHED")
     best = result.best
     log.info("%s: best epoch %d by %s: %s, test accuracy there %.4f (max %.4f), %.1fs training (run %s)%s",
-             spec.name, result.best_epoch, result.select_metric, f"{getattr(best, result.select_metric):.4f}",
+             name, result.best_epoch, result.select_metric, f"{getattr(best, result.select_metric):.4f}",
              best.test_acc, result.max_test_acc, result.train_seconds, run.info.run_id, _link(cfg, run))
     return result.max_test_acc
 

@@ -5,6 +5,11 @@ channels and padding that keeps the size; every later conv has `filter_out` chan
 Then Flatten and `lin` linear layers with ReLU between them, each hidden layer half as wide as its
 input, the last mapping to the 10 classes. Example: M2.2.32.32 is 1152 -> 576 -> 10 (679,466 params).
 
+Beyond the study, off by default: `norm=batch` puts a BatchNorm2d after each conv, `dropout` a Dropout
+before each hidden linear layer. A model (or run) that uses them, or the training options of
+config.py's "beyond the study" part, is named with a suffix (`M2.2.32.32+bn+do0.3+flip+shift2+onecycle`);
+without them the name is the study's.
+
 `python -m fashioncnn.model M2.3.32.64` prints a model's layers, output shapes and parameter count.
 """
 
@@ -32,10 +37,13 @@ class ModelSpec:
     filter_in: int
     filter_out: int
     kernel_size: int = 3
+    norm: str = "none"  # "batch": BatchNorm2d after each conv
+    dropout: float = 0.0  # before each hidden linear layer
 
     @property
     def name(self) -> str:
-        return f"M{self.conv}.{self.lin}.{self.filter_in}.{self.filter_out}"
+        suffix = ("+bn" if self.norm == "batch" else "") + (f"+do{self.dropout:g}" if self.dropout else "")
+        return f"M{self.conv}.{self.lin}.{self.filter_in}.{self.filter_out}{suffix}"
 
     @classmethod
     def from_name(cls, name: str, kernel_size: int = 3) -> ModelSpec:
@@ -47,7 +55,9 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, model_cfg: Any) -> ModelSpec:
-        return cls(model_cfg.conv, model_cfg.lin, model_cfg.filter_in, model_cfg.filter_out, model_cfg.kernel_size)
+        norm = getattr(model_cfg, "norm", "none")
+        return cls(model_cfg.conv, model_cfg.lin, model_cfg.filter_in, model_cfg.filter_out, model_cfg.kernel_size,
+                   getattr(norm, "value", norm), float(getattr(model_cfg, "dropout", 0.0)))
 
     def feature_map_sizes(self) -> list[int]:
         """Side length of the feature map after each conv block; a value < 1 means it collapsed."""
@@ -102,19 +112,29 @@ def build_model(spec: ModelSpec) -> nn.Sequential:
     for block in range(spec.conv):
         out_channels = spec.filter_in if block == 0 else spec.filter_out
         padding = spec.kernel_size // 2 if block == 0 else 0
-        layers += [
-            nn.Conv2d(in_channels, out_channels, spec.kernel_size, padding=padding),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        ]
+        layers.append(nn.Conv2d(in_channels, out_channels, spec.kernel_size, padding=padding))
+        layers += [nn.BatchNorm2d(out_channels)] if spec.norm == "batch" else []
+        layers += [nn.ReLU(), nn.MaxPool2d(2)]
         in_channels = out_channels
     layers.append(nn.Flatten())
     widths = spec.linear_widths()
     for i, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+        hidden = i < len(widths) - 2
+        layers += [nn.Dropout(spec.dropout)] if spec.dropout and hidden else []
         layers.append(nn.Linear(width_in, width_out))
-        if i < len(widths) - 2:
+        if hidden:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+def run_name(cfg: Any) -> str:
+    """The model's name, plus the training options that are not at their defaults (the study's runs: just the model)."""
+    suffix = "+flip" if cfg.augment.flip else ""
+    suffix += f"+shift{cfg.augment.shift}" if cfg.augment.shift else ""
+    schedule = getattr(cfg.schedule.name, "value", cfg.schedule.name)
+    suffix += f"+{schedule}" if schedule != "constant" else ""
+    suffix += f"+ls{cfg.label_smoothing:g}" if cfg.label_smoothing else ""
+    return ModelSpec.from_config(cfg.model).name + suffix
 
 
 def count_parameters(model: nn.Module) -> int:

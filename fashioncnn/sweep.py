@@ -35,7 +35,8 @@ from fashioncnn import links, preflight, tracking
 from fashioncnn import overrides as ov
 from fashioncnn.config import ConfigError, fingerprint_neutral, not_learned_keys, ranking_metric
 from fashioncnn.results import rank
-from fashioncnn.model import ModelSpec
+from fashioncnn.model import run_name
+from fashioncnn.train import precision_used, resolve_device
 from fashioncnn.tracking import mask_secrets
 
 class StoreError(ConfigError):
@@ -54,6 +55,9 @@ def fingerprint(cfg: DictConfig) -> str:
             node = node.get(parent, {})
         if leaf in node and node[leaf] == neutral:
             del node[leaf]
+            if parents and not node:  # a whole node at its defaults: as if it did not exist
+                del content[parents[0]]
+    content["precision"] = precision_used(cfg.precision, resolve_device(cfg.device) if cfg.device == "auto" else None)
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -130,7 +134,7 @@ def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequen
         done = None if cfg.force else next((r for r in runs if r.info.status == "FINISHED"), None)
         resume = None if done else next(
             (r for r in runs if r.info.status != "FINISHED" and tracking.checkpoint_path(cfg, r.info.run_id).exists()), None)
-        planned.append(PlannedJob(index, overrides, cfg, fp, ModelSpec.from_config(cfg.model).name, uri, done, resume))
+        planned.append(PlannedJob(index, overrides, cfg, fp, run_name(cfg), uri, done, resume))
     _, multirun = ov.split_flags(args)
     return Plan(list(args), list(typed), multirun, planned)
 

@@ -258,6 +258,8 @@ def log_epoch(metrics: EpochMetrics) -> None:
     }
     if metrics.val_acc is not None:
         values |= {"val_loss": metrics.val_loss, "val_acc": metrics.val_acc}
+    if metrics.lr is not None:
+        values["lr"] = metrics.lr
     mlflow.log_metrics(values, step=metrics.epoch)
 
 

@@ -24,8 +24,8 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
-from fashioncnn.config import Optimizer, OptimizerImpl, Precision
-from fashioncnn.data import FashionMNIST
+from fashioncnn.config import Optimizer, OptimizerImpl, Precision, Schedule
+from fashioncnn.data import MEAN, STD, FashionMNIST
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class EpochMetrics:
     epoch_seconds: float
     val_loss: float | None = None  # None without a validation split
     val_acc: float | None = None
+    lr: float | None = None  # the learning rate at the end of the epoch
 
 
 @dataclass
@@ -109,6 +110,42 @@ class DivergenceGuard:
         return None
 
 
+def augment(images: torch.Tensor, flip: bool, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """A batch of training images, each flipped left-right with probability 1/2 and moved by up to `shift`
+    pixels in x and y (the border filled with the background), drawn from `generator` on the images' device."""
+    n, device = len(images), images.device
+    if flip:
+        flipped = torch.rand(n, generator=generator, device=device) < 0.5
+        images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+    if shift:
+        background = (0.0 - MEAN) / STD  # a black pixel, normalised
+        padded = F.pad(images, (shift, shift, shift, shift), value=background)
+        size = images.shape[-1]
+        dy, dx = (torch.randint(0, 2 * shift + 1, (n,), generator=generator, device=device) for _ in range(2))
+        rows = dy[:, None] + torch.arange(size, device=device)
+        columns = dx[:, None] + torch.arange(size, device=device)
+        images = padded[torch.arange(n, device=device)[:, None, None], 0, rows[:, :, None], columns[:, None, :]].unsqueeze(1)
+    return images
+
+
+def make_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning-rate schedule over `steps` training steps (stepped once per batch); None for constant."""
+    name = Schedule(cfg.schedule.name)
+    if name is Schedule.onecycle:
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.lr, total_steps=steps,
+                                                   pct_start=cfg.schedule.pct_start)
+    if name is Schedule.cosine:
+        warmup = min(steps - 1, round(cfg.schedule.warmup_epochs * steps / cfg.epochs))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return None
+
+
 def improves(select_metric: str, candidate: EpochMetrics, best: EpochMetrics | None) -> bool:
     """Whether `candidate` beats `best` on the selection metric (accuracies up, losses down; ties keep the earlier)."""
     if best is None:
@@ -164,13 +201,25 @@ def bf16_is_native(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX512-BF16 / AMX, or Arm's BF16 extension
 
 
+def precision_used(requested: object, device: torch.device | None = None) -> str:
+    """`auto` as it resolves on `device` (this machine's default device when None): bf16 where native, else fp32."""
+    name = getattr(requested, "value", requested)
+    if name != "auto":
+        return str(name)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return "bf16" if bf16_is_native(device) else "fp32"
+
+
 def use_bf16(cfg: DictConfig, device: torch.device) -> bool:
-    """precision=bf16 means bf16 autocast where it is native; elsewhere fp32, said once in one line."""
-    if Precision(cfg.precision) is not Precision.bf16:
+    """precision=auto: bf16 autocast where bf16 is native, else fp32. precision=bf16: the same, but says so
+    in one line where it is not native (emulated bf16 is far slower than fp32)."""
+    requested = Precision(cfg.precision)
+    if requested is Precision.fp32:
         return False
     if bf16_is_native(device):
         return True
-    log.warning("precision=bf16: no native bf16 on this %s (emulated bf16 is slower than fp32), training in fp32", device.type)
+    if requested is Precision.bf16:
+        log.warning("precision=bf16: no native bf16 on this %s (emulated bf16 is slower than fp32), training in fp32", device.type)
     return False
 
 
@@ -287,6 +336,9 @@ def train(
     optimizer = make_optimizer(cfg, model)
     n_train, batch_size = len(train_images), cfg.batch_size
     n_batches = (n_train + batch_size - 1) // batch_size
+    scheduler = make_scheduler(cfg, optimizer, cfg.epochs * n_batches)
+    augmenting = bool(cfg.augment.flip or cfg.augment.shift)
+    augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # its own: augmentation never shifts data order
     result = TrainResult(select_metric=getattr(cfg.select_metric, "value", cfg.select_metric),
                          precision="bf16" if autocast else "fp32")
     if result.select_metric.startswith("val_") and not len(val_images):
@@ -299,6 +351,9 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         order.set_state(state["order_rng"])
         torch.set_rng_state(state["torch_rng"])
+        augment_rng.set_state(state["augment_rng"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         result.history = [EpochMetrics(**m) for m in state["history"]]
         result.resumed_after_epoch = len(result.history)
         result.best_epoch, result.best_state = state["best_epoch"], state["best_model"]
@@ -321,12 +376,16 @@ def train(
         for batch in progress:
             index = permutation[batch * batch_size : (batch + 1) * batch_size]
             x, y = train_images[index], data.train_labels[index]
+            if augmenting:
+                x = augment(x, cfg.augment.flip, cfg.augment.shift, augment_rng).contiguous(memory_format=memory_format)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = step(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             if (batch + 1) % cfg.divergence.check_every == 0 or batch + 1 == n_batches:
@@ -339,7 +398,8 @@ def train(
         if len(val_images):
             val_loss, val_acc = evaluate(step, val_images, data.val_labels, cfg.speed.eval_batch_size, autocast)
         test_loss, test_acc = evaluate(step, test_images, data.test_labels, cfg.speed.eval_batch_size, autocast)
-        metrics = EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc, time.perf_counter() - started, val_loss, val_acc)
+        metrics = EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc, time.perf_counter() - started, val_loss, val_acc,
+                               optimizer.param_groups[0]["lr"])
         log.info(
             "epoch %d/%d  train loss %.4f acc %.4f  %stest loss %.4f acc %.4f  %.1fs",
             epoch, cfg.epochs, train_loss, train_acc,
@@ -360,6 +420,8 @@ def train(
                 optimizer=optimizer.state_dict(),
                 order_rng=order.get_state(),
                 torch_rng=torch.get_rng_state(),
+                augment_rng=augment_rng.get_state(),
+                scheduler=scheduler.state_dict() if scheduler is not None else None,
                 history=[vars(m) for m in result.history],
                 images_seen=guard.images_seen,
                 best_epoch=result.best_epoch,
