@@ -1,15 +1,17 @@
 """Screenshots of the MLflow UI for the README, from a store with a sweep and a UI running on it:
-docs/ui-runs-table.png (the latest sweep's runs, best max_test_acc first) and docs/ui-parent-run.png
-(its parent run's page). Run it again after anything changes what the UI shows.
+docs/ui-runs-table.png (the latest sweep's runs, best best_val_acc first) and docs/ui-parent-run.png
+(its parent run's page: the sweep's grid as its name, the leaderboard as its description). Run it
+again after anything changes what the UI shows.
 
     make sweep && (make ui &)                 # or any store: make ui STORE=/tmp/store PORT=5001
     .venv/bin/python docs/screenshots.py      # --tracking-uri URI --base http://127.0.0.1:5001 --out DIR
 
 It drives headless Chromium (Debian's `chromium`; `make chromium` installs it) over the DevTools
-protocol, because the command line's --screenshot cannot click. Two clicks are needed: one closes the
-MLflow Assistant panel, which opens on a browser's first visit and covers a third of the page. The
-other selects the sort column again in the Sort menu, which adds max_test_acc as a table column. A URL
-can set the sort order but cannot add the column.
+protocol, because the command line's --screenshot cannot click. Three clicks are needed: one closes the
+MLflow Assistant panel, which opens on a browser's first visit and covers a third of the page. One
+selects the sort column again in the Sort menu, which adds best_val_acc as a table column (a URL can
+set the sort order but cannot add the column). One unfolds the parent run's description ("Show more"),
+which shows only its first lines otherwise.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from fashioncnn.links import run_url, sweep_url, ui_base_for  # noqa: E402
 from fashioncnn.tracking import ROLE_TAG, default_tracking_uri  # noqa: E402
 
 WIDTH, HEIGHT = 1600, 900
+PARENT_HEIGHT = 1050  # the parent run's page: its leaderboard, metrics and params
+METRIC = "best_val_acc"  # the runs' selection metric: sweep_url's default sort
 CLOSE_ASSISTANT = '[data-component-id="mlflow.assistant.chat_panel.close"]'
 
 
@@ -76,6 +80,14 @@ class Page:
         for kind in ("mousePressed", "mouseReleased"):
             await self.call("Input.dispatchMouseEvent", type=kind, x=rect[0], y=rect[1], button="left", clickCount=1)
 
+    async def click_button(self, starts_with: str) -> None:
+        """Click the button whose text starts with `starts_with`, once there is one."""
+        find = f"[...document.querySelectorAll('button')].find(b => b.innerText.startsWith({json.dumps(starts_with)}))"
+        await self.wait_for(find, f"a button {starts_with!r}")
+        await self.js(f"{find}.dataset.clickMe = 1")
+        await self.click("[data-click-me]")
+        await self.js("document.querySelector('[data-click-me]')?.removeAttribute('data-click-me')")
+
     async def close_assistant(self) -> None:
         await asyncio.sleep(1)  # it opens a moment after the page
         if await self.js(f"!!document.querySelector({json.dumps(CLOSE_ASSISTANT)})"):
@@ -115,22 +127,23 @@ async def shoot(chromium: str, base: str, experiment_id: str, sweep_id: str, par
                     page = Page(ws)
                     await page.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
 
-                    await page.open(sweep_url(base, experiment_id, sweep_id))
+                    await page.open(sweep_url(base, experiment_id, sweep_id, METRIC))
                     await page.wait_for_text("Run Name", *names)
                     await page.close_assistant()
-                    await page.wait_for("[...document.querySelectorAll('button')].some(b => b.innerText.startsWith('Sort:'))", "the Sort menu")
-                    await page.js("[...document.querySelectorAll('button')].find(b => b.innerText.startsWith('Sort:')).dataset.sortMenu = 1")
-                    await page.click("[data-sort-menu]")
-                    await page.wait_for("document.querySelector('[data-testid=\"sort-select-max_test_acc\"]')", "max_test_acc in the Sort menu")
-                    await page.click('[data-testid="sort-select-max_test_acc"]')
+                    await page.click_button("Sort:")
+                    await page.wait_for(f"document.querySelector('[data-testid=\"sort-select-{METRIC}\"]')", f"{METRIC} in the Sort menu")
+                    await page.click(f'[data-testid="sort-select-{METRIC}"]')
                     await page.call("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
-                    await page.wait_for("[...document.querySelectorAll('[role=columnheader]')].some(h => h.innerText.includes('max_test_acc'))",
-                                        "the max_test_acc column")
+                    await page.wait_for(f"[...document.querySelectorAll('[role=columnheader]')].some(h => h.innerText.includes('{METRIC}'))",
+                                        f"the {METRIC} column")
                     await page.screenshot(out / "ui-runs-table.png")
 
+                    # Taller, so that the whole leaderboard shows above the metrics and params.
+                    await page.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=PARENT_HEIGHT, deviceScaleFactor=1, mobile=False)
                     await page.open(run_url(base, experiment_id, parent_id))
-                    await page.wait_for_text("Child runs", *names)
+                    await page.wait_for_text("Child runs", "Leaderboard", *names)
                     await page.close_assistant()
+                    await page.click_button("Show more")  # the description opens folded after its first lines
                     await page.screenshot(out / "ui-parent-run.png")
         finally:
             browser.terminate()

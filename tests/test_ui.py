@@ -185,10 +185,18 @@ def test_make_ui_link_opens_the_runs_table_in_chromium(tmp_path):
             assert text in jobs, f"{text!r} not in the page {flat} opens"
         assert "Overview - Experiment" not in jobs
 
-        page = dump_dom(run_url(base, experiment_id, parent.info.run_id), tmp_path / "run", [parent_name, *models])
+        page = dump_dom(run_url(base, experiment_id, parent.info.run_id), tmp_path / "run", [parent_name, "Leaderboard", *models])
         assert "Model registry" in page and "Observability" not in page, "the run page is not in the model-training view"
         for text in [parent_name, *models]:  # the parent's page lists its child runs
             assert text in page
+        # Its description is the leaderboard: each model links to its run, at the address the sweep's links use
+        # (ui_base(), not this UI's port; MLflow's own child-run links are relative and carry no workflowType).
+        assert "<strong>Leaderboard</strong>" in page, "the parent's description is not the leaderboard"
+        children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert sorted(child.info.run_name for child in children) == models
+        for child in children:
+            link = f'<a [^>]*href="{re.escape(run_url(ui_base(), experiment_id, child.info.run_id))}"[^>]*>{re.escape(child.info.run_name)}</a>'
+            assert re.search(link, page), f"the leaderboard does not link {child.info.run_name} to its run"
 
         header = png.read_bytes()[:24]
         assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24]) == (1600, 900)
