@@ -52,7 +52,7 @@ def sweep_url(base: str, experiment_id: str, sweep_id: str, metric: str = "best_
     """The runs of one sweep, best `metric` first. The runs table nests child runs, collapsed, under
     their parent whenever it is sorted by creation time, and the expanded rows are browser state that a
     URL cannot set. Any other sort order lists the runs flat, so the jobs are visible."""
-    search = quote(f"tags.sweep_id = '{sweep_id}'")
+    search = quote(f"tags.sweep_id = '{sweep_id}' and tags.`fashioncnn.role` = 'job'")  # the parent carries the best too
     order = quote(f"metrics.`{metric}`")
     return f"{experiment_url(base, experiment_id)}&searchFilter={search}&orderByKey={order}&orderByAsc=false"
 
