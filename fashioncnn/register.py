@@ -28,22 +28,28 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from fashioncnn.results import (
-    DEFAULT_METRIC, SWEEP_TAG, ResultsError, check_metric, is_diverged, is_pruned, mask, metric, rank, resolve_metric,
-    select, tracking_uri,
+    DEFAULT_METRIC, SWEEP_TAG, ConfigScore, ResultsError, check_metric, is_diverged, is_pruned, mask, metric, rank_configurations,
+    resolve_metric, select, tracking_uri,
 )
 
 ALIAS = "champion"
 
 
-def best_run(runs: list[Run], metric_name: str, where: str) -> Run:
-    """The best FINISHED, not diverged, not pruned run by the metric (ResultsError when there is none)."""
+def best_configuration(runs: list[Run], metric_name: str, where: str) -> ConfigScore:
+    """The best configuration (by the mean of its seeds' metric) among the FINISHED, not diverged, not pruned
+    runs, its runs best first (ResultsError when there is none)."""
     candidates = [r for r in runs if r.info.status == "FINISHED" and not is_diverged(r) and not is_pruned(r)]
     if not candidates:
         counts = Counter("diverged" if is_diverged(r) else "pruned" if is_pruned(r) else r.info.status for r in runs)
         raise ResultsError(f"{where}: none of its {len(runs)} runs finished without diverging or being pruned"
                            + (f" ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})" if runs else ""))
     check_metric(candidates, metric_name, where)
-    return rank(candidates, metric_name)[0]
+    return rank_configurations(candidates, metric_name)[0]
+
+
+def best_run(runs: list[Run], metric_name: str, where: str) -> Run:
+    """The best run of the best configuration."""
+    return best_configuration(runs, metric_name, where).runs[0]
 
 
 def register(client: MlflowClient, source: str, name: str | None = None, metric_name: str = DEFAULT_METRIC) -> str:
@@ -54,7 +60,8 @@ def register(client: MlflowClient, source: str, name: str | None = None, metric_
     """
     selection = select(client, source)
     metric_name = resolve_metric([r for r in selection.runs if r.info.status == "FINISHED"], metric_name)
-    run = best_run(selection.runs, metric_name, selection.description)
+    seeds = best_configuration(selection.runs, metric_name, selection.description)
+    run = seeds.runs[0]
     from fashioncnn.serving import model_uri_of_run  # imports torch (seconds): not before the cheap checks pass
 
     run_id = run.info.run_id
@@ -63,6 +70,8 @@ def register(client: MlflowClient, source: str, name: str | None = None, metric_
     value = metric(run, metric_name)
     model_name = run.data.tags.get("model_name", run.info.run_name or "")
     tags = {"source_run_id": run_id, "model_name": model_name, "metric": metric_name, "metric_value": repr(value)}
+    if seeds.n > 1:  # the configuration's standing over its seeds, as it was ranked
+        tags |= {"config_mean": repr(seeds.mean), "config_std": repr(seeds.std), "config_n": str(seeds.n)}
     if SWEEP_TAG in run.data.tags:
         tags[SWEEP_TAG] = run.data.tags[SWEEP_TAG]
     if model_uri.startswith("models:/"):  # an MLflow 3 LoggedModel: the version points at it
@@ -90,8 +99,9 @@ def register(client: MlflowClient, source: str, name: str | None = None, metric_
                 linked.append({"name": name, "version": version.version})  # a tracking server has done it already
                 client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
     client.set_registered_model_alias(name, ALIAS, version.version)
+    over_seeds = f" (its configuration: mean {seeds.text()})" if seeds.n > 1 else ""
     return (f"registered {name} version {version.version} (alias {ALIAS}): {model_name} run {run_id}, "
-            f"{metric_name}={value:.4f}  models:/{name}@{ALIAS}")
+            f"{metric_name}={value:.4f}{over_seeds}  models:/{name}@{ALIAS}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

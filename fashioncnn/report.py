@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fashioncnn import links
-from fashioncnn.config import LEGACY_SPEED_KEYS, not_learned_keys
 from fashioncnn.results import (
-    DEFAULT_METRIC, ResultsError, check_metric, is_diverged, lower_is_better, mask, metric, param_value, rank,
+    DEFAULT_METRIC, ResultsError, check_metric, is_diverged, lower_is_better, mask, metric, not_config, param_value, rank,
     resolve_metric, select, tracking_uri,
 )
 from fashioncnn.tracking import PARENT_TAG, SWEEP_TAG
@@ -40,17 +39,12 @@ from fashioncnn.tracking import PARENT_TAG, SWEEP_TAG
 CURVES = ("test_acc", "train_loss", "test_loss")
 
 
-def not_config(param: str) -> bool:
-    """Params that do not make two runs different configs: where and how fast they ran, the parameter count,
-    and the seed (what the seeds table averages over)."""
-    top = param.split(".", 1)[0]
-    return top in not_learned_keys() or top in LEGACY_SPEED_KEYS or param in ("seed", "param_count")
 # The order in which params are named to tell runs of the same model apart.
 DISTINGUISHING = ("optim.lr", "epochs", "seed", "subset", "batch_size", "optim.name")
 CSV_FIELDS = [
     "group", "rank", "best", "model", "param_count", "lr", "epochs", "seed", "batch_size", "train_seconds",
-    "max_test_acc", "mean_test_acc", "test_acc_at_best", "final_train_loss", "final_test_loss", "final_test_acc", "epochs_logged",
-    "status", "diverged", "experiment", "sweep_id", "parent_run_id", "retrained_from", "run_id",
+    "max_test_acc", "mean_test_acc", "test_acc_at_best", "seconds_to_90", "final_train_loss", "final_test_loss",
+    "final_test_acc", "epochs_logged", "status", "diverged", "experiment", "sweep_id", "parent_run_id", "retrained_from", "run_id",
 ]
 SUMMARY_FIELDS = ("max_test_acc", "mean_test_acc", "train_seconds", "final_train_loss", "final_test_loss")
 
@@ -280,6 +274,22 @@ def summary_table(summaries: list[ConfigSummary], metric_name: str) -> str:
     return markdown_table(header, body, set(range(1, len(header))))
 
 
+def noise_line(summaries: list[ConfigSummary], metric_name: str) -> str:
+    """Whether the best two configurations differ by more than seed noise: their means against the larger
+    standard deviation (the test named in the line, so a reader can judge it)."""
+    if len(summaries) < 2:
+        return f"Only one configuration: nothing to compare by `{metric_name}`."
+    (mean_a, std_a), (mean_b, std_b) = summaries[0].stats[metric_name], summaries[1].stats[metric_name]
+    spreads = [std for std in (std_a, std_b) if not math.isnan(std)]
+    if not spreads or math.isnan(mean_a) or math.isnan(mean_b):
+        return "The top two configurations have no standard deviation to compare with: run more seeds."
+    gap, spread = abs(mean_a - mean_b), max(spreads)
+    verdict = "**within seed noise**" if gap < spread else "**more than seed noise**"
+    return (f"Top two by mean `{metric_name}`: {summaries[0].label} and {summaries[1].label} differ by "
+            f"{fmt_metric(metric_name, gap)}, against a larger standard deviation of {fmt_metric(metric_name, spread)}: "
+            f"{verdict} (test: the difference of the means against the larger of the two sample standard deviations).")
+
+
 # ---------------------------------------------------------------------------------------------- figures
 
 
@@ -451,7 +461,7 @@ def build(sources: Sequence[str], output_dir: Path | None = None, metric_name: s
         if summaries:
             lines += ["", f"### Mean and standard deviation over seeds{f' ({group})' if group else ''}", "",
                       "Finished runs that differ only in `seed`; ± is the sample standard deviation.", "",
-                      summary_table(summaries, metric_name)]
+                      summary_table(summaries, metric_name), "", noise_line(summaries, metric_name)]
             summary_rows += [(group, s) for s in summaries]
     markdown = "\n".join(lines) + "\n"
     (output_dir / "report.md").write_text(markdown)

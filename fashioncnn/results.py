@@ -164,6 +164,64 @@ def resolve_metric(runs: Iterable[Run], name: str) -> str:
     return chosen.pop() if chosen else "max_test_acc"
 
 
+def not_config(param: str) -> bool:
+    """Params that do not make two runs different configurations: where and how fast they ran, the
+    parameter count, and the seed (what a configuration's mean and standard deviation are over)."""
+    from fashioncnn.config import LEGACY_SPEED_KEYS, not_learned_keys
+
+    top = param.split(".", 1)[0]
+    return top in not_learned_keys() or top in LEGACY_SPEED_KEYS or param in ("seed", "param_count")
+
+
+def configuration(run: Run) -> tuple:
+    """What a run trained, seed aside: runs with the same configuration are the same experiment, other seeds.
+    A run that logged no config (made elsewhere) is a configuration of its own."""
+    learned = tuple(sorted((k, v) for k, v in run.data.params.items() if not not_config(k)))
+    return learned or (("run_id", run.info.run_id),)
+
+
+@dataclass
+class ConfigScore:
+    """A configuration's runs and its mean, sample standard deviation (nan for one seed) and n on a metric."""
+
+    runs: list[Run]
+    mean: float
+    std: float
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    def text(self, digits: int = 4) -> str:
+        spread = "" if math.isnan(self.std) else f" ± {self.std:.{digits}f}"
+        return f"{self.mean:.{digits}f}{spread} (n={self.n})"
+
+
+def rank_configurations(runs: Iterable[Run], name: str, lowest_first: bool | None = None) -> list[ConfigScore]:
+    """Configurations best first by the mean of their runs' metric (each run's best first inside)."""
+    import statistics
+
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if not math.isnan(metric(run, name)):
+            groups.setdefault(configuration(run), []).append(run)
+    scores = []
+    for members in groups.values():
+        values = [metric(r, name) for r in members]
+        scores.append(ConfigScore(rank(members, name, lowest_first), statistics.fmean(values),
+                                  statistics.stdev(values) if len(values) > 1 else math.nan))
+    return rank(scores, name, lowest_first, score=lambda s: s.mean)
+
+
+def within_noise(first: ConfigScore, second: ConfigScore) -> bool | None:
+    """Whether two configurations' means differ by less than the larger of their standard deviations
+    (None when neither has two seeds: no spread to compare with)."""
+    spreads = [s.std for s in (first, second) if not math.isnan(s.std)]
+    if not spreads:
+        return None
+    return abs(first.mean - second.mean) < max(spreads)
+
+
 def metric(run: Run, name: str) -> float:
     value = run.data.metrics.get(name)
     return math.nan if value is None else float(value)

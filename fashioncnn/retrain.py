@@ -34,13 +34,14 @@ from fashioncnn import sources
 from fashioncnn.config import LEGACY_SPEED_KEYS, not_learned_keys
 from fashioncnn.tracking import flatten
 from fashioncnn.results import (
-    DEFAULT_METRIC, ResultsError, check_metric, is_diverged, is_pruned, lower_is_better, mask, metric, param_value, rank,
-    resolve_metric, select, tracking_uri,
+    DEFAULT_METRIC, ResultsError, check_metric, configuration, is_diverged, is_pruned, lower_is_better, mask, metric,
+    param_value, rank_configurations, resolve_metric, select, tracking_uri,
 )
 
 GROUP = "retrained_from"
-# Where and how fast the run went is this machine's business (runs before 0.2 had the speed keys at the top).
-NOT_CARRIED = {*not_learned_keys(), *LEGACY_SPEED_KEYS}
+# Where and how fast the run went is this machine's business (runs before 0.2 had the speed keys at the top);
+# how it was judged (select_metric, with val_size) and what it kept are part of the run's protocol.
+NOT_CARRIED = {*not_learned_keys(), *LEGACY_SPEED_KEYS} - {"select_metric", "log_model", "system_metrics"}
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -55,7 +56,8 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def pick(runs: list[Any], metric_name: str, top: int, lowest_first: bool | None, where: str) -> tuple[list[Any], list[Any]]:
-    """The best `top` finished, non-diverged runs by the metric; (picked, candidates)."""
+    """The best run of each of the best `top` configurations (by the mean of their seeds) among the finished,
+    non-diverged, non-pruned runs; (picked, candidates)."""
     if top < 1:
         raise ResultsError(f"--top {top}: must be at least 1")
     if not runs:
@@ -67,8 +69,9 @@ def pick(runs: list[Any], metric_name: str, top: int, lowest_first: bool | None,
                            f"{' or being pruned' if 'pruned' in counts else ''} "
                            f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
     check_metric(candidates, metric_name, where)
-    ranked = [r for r in rank(candidates, metric_name, lowest_first) if metric_name in r.data.metrics]
-    return ranked[:top], candidates
+    configs = rank_configurations(candidates, metric_name, lowest_first)
+    # A configuration that ran with several seeds is judged by their mean; its best seed's run is replayed.
+    return [config.runs[0] for config in configs[:top]], candidates
 
 
 def run_config(client: Any, run: Any, scratch: Path) -> dict[str, Any]:
@@ -173,8 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             more = f" (only {len(candidates)} finished)" if args.top > len(candidates) else ""
             print(f"Retraining the top {len(picked)}{more} of {len(candidates)} finished runs of {selection.description} "
                   f"by {args.metric} ({order} first), store {mask(uri)}:")
+            scores = {configuration(c.runs[0]): c for c in rank_configurations(candidates, args.metric, lowest_first)}
             for index, run in enumerate(picked, 1):
-                print(f"  {index}. {run.data.tags.get('model_name', run.info.run_name):<14} {args.metric}={metric(run, args.metric):.4f}  "
+                score = scores[configuration(run)]
+                value = f"mean {score.text()}" if score.n > 1 else f"{metric(run, args.metric):.4f}"
+                print(f"  {index}. {run.data.tags.get('model_name', run.info.run_name):<14} {args.metric}={value}  "
                       f"run {run.info.run_id}  {run.data.tags.get('hydra.overrides', '')}")
             print("$ python " + " ".join(command[1:]).replace(str(Path(scratch).resolve()), "<the picked configs>"))
             if args.dry_run:

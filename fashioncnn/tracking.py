@@ -275,6 +275,8 @@ def log_summary(result: TrainResult) -> None:
     }
     if result.select_metric != "test_acc":
         values[ranking_metric(result.select_metric)] = getattr(best, result.select_metric)
+    if result.seconds_to_90 is not None:  # time-to-accuracy, as speedrun records compare
+        values["seconds_to_90"] = result.seconds_to_90
     mlflow.log_metrics(values)
 
 

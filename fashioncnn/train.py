@@ -69,6 +69,16 @@ class TrainResult:
     def train_seconds(self) -> float:
         return sum(m.epoch_seconds for m in self.history)
 
+    @property
+    def seconds_to_90(self) -> float | None:
+        """Training seconds until the validation accuracy (the test accuracy without a split) first reached 0.90."""
+        elapsed = 0.0
+        for m in self.history:
+            elapsed += m.epoch_seconds
+            if (m.val_acc if m.val_acc is not None else m.test_acc) >= 0.90:
+                return elapsed
+        return None
+
 
 class DivergenceGuard:
     """Stops a run early when its training loss is no longer finite or above a bound, or its accuracy stays at chance.

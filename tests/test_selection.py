@@ -131,6 +131,74 @@ def test_keys_added_since_keep_the_fingerprints_of_earlier_runs():
     content = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     earlier = {key: content[key] for key in ("model", "optim", "epochs", "batch_size", "seed", "subset", "precision", "divergence", "debug")}
     earlier["divergence"] = {key: value for key, value in earlier["divergence"].items() if key != "max_loss"}
+    earlier["model"] = {key: value for key, value in earlier["model"].items() if key not in ("norm", "dropout")}
+    earlier["precision"] = "fp32"  # auto, on a machine without native bf16 (this one: see test_beyond for the other)
+    assert content["precision"] == "auto"
     assert fingerprint(cfg) == hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()[:16]
     assert fingerprint(compose("val_size=0", "select_metric=test_acc", "divergence.max_loss=50")) != fingerprint(
         compose("val_size=0", "select_metric=test_acc"))
+
+
+def made_up_runs(tmp_path, configs):
+    """FINISHED job runs in a real store: configs maps an lr to its seeds' best_val_acc."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'store.db'}")
+    experiment = client.create_experiment("seeds", artifact_location=(tmp_path / "artifacts").as_uri())
+    for lr, values in configs.items():
+        for seed, value in enumerate(values):
+            run = client.create_run(experiment, run_name="M2.2.32.32", tags={"fashioncnn.role": "job", "model_name": "M2.2.32.32"})
+            for key, param in (("optim.lr", lr), ("seed", seed), ("select_metric", "val_acc"), ("device", "cpu")):
+                client.log_param(run.info.run_id, key, param)
+            client.log_metric(run.info.run_id, "best_val_acc", value)
+            client.log_metric(run.info.run_id, "max_test_acc", value)
+            client.set_terminated(run.info.run_id, "FINISHED")
+    return client, [client.get_run(r.info.run_id) for r in client.search_runs([experiment])]
+
+
+def test_configurations_rank_by_the_mean_of_their_seeds(tmp_path):
+    from fashioncnn.results import rank_configurations, within_noise
+    from fashioncnn.retrain import pick
+
+    # lr 0.01 has the single best run (0.95) but the lower mean; lr 0.001 is better on average.
+    _, runs = made_up_runs(tmp_path, {"0.01": [0.95, 0.80, 0.81], "0.001": [0.90, 0.91, 0.89], "0.1": [0.5]})
+    ranked = rank_configurations(runs, "best_val_acc")
+    assert [(c.runs[0].data.params["optim.lr"], c.n) for c in ranked] == [("0.001", 3), ("0.01", 3), ("0.1", 1)]
+    assert ranked[0].mean == pytest.approx(0.90) and ranked[0].std == pytest.approx(0.01)
+    assert ranked[0].text() == "0.9000 ± 0.0100 (n=3)" and ranked[2].text() == "0.5000 (n=1)"
+    assert ranked[0].runs[0].data.metrics["best_val_acc"] == 0.91  # a configuration's best seed first
+    assert within_noise(ranked[0], ranked[1]) is True  # 0.90 against 0.853 ± 0.084: within noise
+    assert within_noise(ranked[0], ranked[2]) is False
+    picked, _ = pick(runs, "best_val_acc", 2, None, "seeds")
+    assert [r.data.params["optim.lr"] for r in picked] == ["0.001", "0.01"]
+
+
+def test_the_registry_takes_the_best_configuration_by_its_mean(tmp_path):
+    from fashioncnn.register import best_configuration
+
+    _, runs = made_up_runs(tmp_path, {"0.01": [0.95, 0.80, 0.81], "0.001": [0.90, 0.91, 0.89]})
+    best = best_configuration(runs, "best_val_acc", "seeds")
+    assert best.runs[0].data.params["optim.lr"] == "0.001" and best.n == 3
+
+
+def test_the_report_says_whether_the_top_two_differ_by_more_than_seed_noise(tmp_path):
+    from fashioncnn import report
+
+    client, _ = made_up_runs(tmp_path, {"0.01": [0.95, 0.80, 0.81], "0.001": [0.90, 0.91, 0.89]})
+    built = report.build(["seeds"], tmp_path / "report", uri=client.tracking_uri, attach=False)
+    assert "best first by `best_val_acc`" in built.markdown
+    assert ("Top two by mean `best_val_acc`: M2.2.32.32 lr=0.001 and M2.2.32.32 lr=0.01 differ by 4.67%, against a larger "
+            "standard deviation of 8.39%: **within seed noise**") in built.markdown
+    (tmp_path / "b").mkdir()
+    client2, _ = made_up_runs(tmp_path / "b", {"0.01": [0.80, 0.81], "0.001": [0.90, 0.91]})
+    apart = report.build(["seeds"], tmp_path / "report2", uri=client2.tracking_uri, attach=False)
+    assert "**more than seed noise**" in apart.markdown
+
+
+def test_seconds_to_90_counts_training_time_until_the_accuracy_first_reaches_it():
+    from fashioncnn.train import TrainResult
+
+    history = [EpochMetrics(e, 1, 1, 1, test, 10.0, None, val) for e, val, test in ((1, 0.85, 0.91), (2, 0.90, 0.89), (3, 0.95, 0.95))]
+    assert TrainResult(history=history).seconds_to_90 == 20.0  # by validation accuracy where there is one
+    assert TrainResult(history=[EpochMetrics(e, 1, 1, 1, t, 10.0) for e, t in ((1, 0.85), (2, 0.91))]).seconds_to_90 == 20.0
+    assert TrainResult(history=[EpochMetrics(1, 1, 1, 1, 0.5, 10.0)]).seconds_to_90 is None

@@ -51,7 +51,7 @@ SMALL = ["model.filter_in=8", "model.filter_out=8", "epochs=2", "device=cpu"]
 def test_speed_defaults():
     cfg = compose()
     speed = cfg.speed
-    assert (cfg.precision.value, speed.channels_last, speed.compile, speed.threads, speed.eval_batch_size) == ("fp32", True, False, 0, 1000)
+    assert (cfg.precision.value, speed.channels_last, speed.compile, speed.threads, speed.eval_batch_size) == ("auto", True, False, 0, 1000)
     assert (speed.optimizer_impl.value, speed.reuse_memory, speed.pool_before_relu, speed.weight_first_linear) == ("fused", True, True, 1_000_000)
 
 
