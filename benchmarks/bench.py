@@ -427,6 +427,11 @@ def bench_model(name: str, args, data: FashionMNIST, root: Path, device: torch.d
 
 # ------------------------------------------------------------------------------------------- output
 
+def bench_precisions(device: torch.device) -> list[str]:
+    """The package's precisions to time: fp32, and bf16 too where it is native (emulated bf16 is only slower)."""
+    return ["fp32", "bf16"] if bf16_is_native(device) else ["fp32"]
+
+
 def render_table(results: dict) -> str:
     machine, peaks = results["machine"], results["peaks"]
     where = f"{machine['gpu']} (CUDA)" if machine.get("gpu") else f"{machine['cpu']}, {machine['cpu_count']} cores, no GPU"
@@ -454,7 +459,8 @@ def render_table(results: dict) -> str:
         measured = f" ({r['package_epoch_seconds_measured']:.0f} measured)" if "package_epoch_seconds_measured" in r else ""
         bf16_cell = f"{100 * r['package_fraction_of_bf16_peak']:.1f}%" if machine["bf16_native"] else "n/a"
         lines.append(
-            f"| {r['model']} | {r['naive_img_s']:.0f} | {r['package_img_s']:.0f} | **{r['speedup']:.2f}x** "
+            f"| {r['model']}{'' if r.get('precision', 'fp32') == 'fp32' else ' ' + r['precision']} | {r['naive_img_s']:.0f} | "
+            f"{r['package_img_s']:.0f} | **{r['speedup']:.2f}x** "
             f"({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}) | "
             f"{100 * r['package_fraction_of_fp32_peak']:.1f}% / {bf16_cell} | "
             f"{r['naive_epoch_seconds']:.0f} | {r['package_epoch_seconds']:.0f}{measured} |"
@@ -515,12 +521,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         models = []
         for name in args.models:
-            models.append(bench_model(name, args, data, root, device, peaks))
-            r = models[-1]
-            print(f"{name}: naive {r['naive_img_s']:.0f} img/s, package {r['package_img_s']:.0f} img/s, speedup {r['speedup']:.2f}x "
-                  f"(rounds {r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}), {r['package_gflop_s']:.1f} GFLOP/s, "
-                  f"epoch ~{r['naive_epoch_seconds']:.0f} s naive, ~{r['package_epoch_seconds']:.0f} s package, "
-                  f"page faults per step {r['naive_page_faults_per_step']:,} naive, {r['package_page_faults_per_step']:,} package", flush=True)
+            for precision in bench_precisions(device):
+                with_precision = argparse.Namespace(**{**vars(args), "set": [*args.set, f"precision={precision}"]})
+                models.append(bench_model(name, with_precision, data, root, device, peaks) | {"precision": precision})
+                r = models[-1]
+                print(f"{name} {precision}: naive {r['naive_img_s']:.0f} img/s, package {r['package_img_s']:.0f} img/s, speedup {r['speedup']:.2f}x "
+                      f"(rounds {r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}), {r['package_gflop_s']:.1f} GFLOP/s, "
+                      f"epoch ~{r['naive_epoch_seconds']:.0f} s naive, ~{r['package_epoch_seconds']:.0f} s package, "
+                      f"page faults per step {r['naive_page_faults_per_step']:,} naive, {r['package_page_faults_per_step']:,} package", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     # A peak is a best case: measured again at the end, the higher figure stands (fractions follow it).

@@ -165,6 +165,8 @@ def display(arg: str) -> str:
     if override is None or override.value_type not in (ValueType.ELEMENT, ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP):
         return arg
     values = override._value.list if isinstance(override._value, ChoiceSweep) else [override._value]
+    if all(isinstance(v, bool) for v in values):  # Hydra's job lines spell them True/False
+        return f"{override.get_key_element()}={','.join(str(v).lower() for v in values)}"
     if not all(isinstance(v, (str, QuotedString)) for v in values):
         return arg
     texts = [v.text if isinstance(v, QuotedString) else v for v in values]

@@ -46,7 +46,7 @@ CSV_FIELDS = [
     "max_test_acc", "mean_test_acc", "test_acc_at_best", "seconds_to_90", "final_train_loss", "final_test_loss",
     "final_test_acc", "epochs_logged", "status", "diverged", "experiment", "sweep_id", "parent_run_id", "retrained_from", "run_id",
 ]
-SUMMARY_FIELDS = ("max_test_acc", "mean_test_acc", "train_seconds", "final_train_loss", "final_test_loss")
+SUMMARY_FIELDS = ("max_test_acc", "mean_test_acc", "train_seconds", "final_train_loss", "final_test_loss", "test_acc_at_best")
 
 
 @dataclass
@@ -172,7 +172,7 @@ def fmt_seconds(value: float) -> str:
 
 
 def fmt_metric(name: str, value: float) -> str:
-    if name.endswith("acc"):
+    if name.endswith("acc") or "_acc_" in name:  # max_test_acc, test_acc_at_best
         return fmt_acc(value)
     if name.endswith("seconds"):
         return fmt_seconds(value)
@@ -261,10 +261,10 @@ def summary_table(summaries: list[ConfigSummary], metric_name: str) -> str:
         mean, std = summary.stats[name]
         return fmt_metric(name, mean) if math.isnan(std) else f"{fmt_metric(name, mean)} ± {fmt_metric(name, std)}"
 
-    names = ["max_test_acc", "mean_test_acc", "train_seconds", "final_train_loss", "final_test_loss"]
+    names = ["max_test_acc", "mean_test_acc", "train_seconds", "final_train_loss", "final_test_loss", "test_acc_at_best"]
     names += [metric_name] if metric_name not in names else []
     header = ["config", "params", "lr", "epochs", "seeds", "n", "max test acc", "mean test acc", "train time",
-              "final train loss", "final test loss"] + names[5:]
+              "final train loss", "final test loss", "test acc at best"] + names[6:]
     body = []
     for summary in summaries:
         first = summary.rows[0]

@@ -92,6 +92,7 @@ def test_display_is_what_a_person_types():
     assert display("conv='2','3'") == "conv=2,3"
     assert display("+retrained_from='abc'") == "+retrained_from=abc"
     assert display("experiment='a b'") == "experiment='a b'"  # needs its quotes
+    assert display("system_metrics=False") == "system_metrics=false"
     assert display_all(["lr='0.01'", "seed=3", "epochs=1"]) == "lr=0.01 seed=3 epochs=1"
 
 

@@ -3,6 +3,7 @@
 Speed itself is measured by `make bench` (benchmarks/), never by a timed test.
 """
 
+import json
 import logging
 
 import pytest
@@ -326,3 +327,15 @@ def test_bench_rewrites_only_its_marked_section(tmp_path):
     assert text.startswith("before\n<!-- speed-table -->\n`make bench` on ") and text.endswith("<!-- /speed-table -->\nafter\n")
     assert "old table" not in text and "| M2.2.32.32 |" in text
     assert not bench.write_readme(results, tmp_path / "results-other.json", readme)  # no markers for it: left alone
+
+
+def test_bench_times_bf16_too_exactly_where_it_is_native(monkeypatch, tmp_path):
+    bench = _bench_module()
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, expected in (("avx2 avx512f", ["fp32"]), ("avx2 avx512f avx512_bf16", ["fp32", "bf16"]), ("amx_bf16", ["fp32", "bf16"])):
+        cpuinfo.write_text(f"flags\t\t: fpu {flags}\n")
+        monkeypatch.setattr(bench, "bf16_is_native", lambda device, path=str(cpuinfo): bf16_is_native(device, path))
+        assert bench.bench_precisions(CPU) == expected
+    results = json.loads((bench.REPO / "benchmarks" / "results.json").read_text())
+    results["models"] = [results["models"][0], results["models"][0] | {"precision": "bf16"}]
+    assert [line.split(" |")[0] for line in bench.render_table(results).splitlines()[-2:]] == ["| M2.2.32.32", "| M2.2.32.32 bf16"]

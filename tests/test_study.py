@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fashioncnn import report, retrain, results
+from fashioncnn.model import ModelSpec, build_model, count_parameters
 from fashioncnn.preflight import jobs_of
 from fashioncnn.config import ConfigError, register_schema
 from fashioncnn.data import DEBIAN_DIR
@@ -51,7 +52,8 @@ def name(cfg) -> str:
 
 
 def test_one_preset_per_study_step_and_make_study_runs_them_in_order():
-    assert sorted(p.stem for p in (REPO / "conf" / "study").glob("*.yaml")) == sorted(STUDY)
+    presets = {p.stem for p in (REPO / "conf" / "study").glob("*.yaml")}
+    assert set(STUDY) <= presets and presets - set(STUDY) == {"m2-bn-flip-onecycle-10ep"}  # the one beyond the study
     dry = subprocess.run(["make", "-n", "study"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     loop = re.search(r"for step in ([\w .-]+); do", dry)[1].split()
     assert loop == list(STUDY)  # the study's order
@@ -66,6 +68,16 @@ def test_each_preset_is_the_sweep_its_step_describes(preset):
     assert {(c.batch_size, c.seed, c.subset, c.optim.name.value) for c in configs} == {(64, 0, None, "adam")}
     jobs = expand("-m", f"+study={preset}")
     assert len(jobs) == len(models) and all(f"+study='{preset}'" in job and f"epochs={epochs}" in job for job in jobs)
+
+
+def test_the_preset_beyond_the_study_is_what_its_name_says():
+    configs = compose_all("-m", "+study=m2-bn-flip-onecycle-10ep")
+    assert sorted(c.seed for c in configs) == [0, 1, 2]
+    for c in configs:
+        assert (name(c), c.model.norm.value, c.model.dropout, c.augment.flip, c.augment.shift) == ("M2.2.32.32", "batch", 0.2, True, 0)
+        assert (c.schedule.name.value, c.optim.lr, c.epochs, c.val_size, c.select_metric.value) == ("onecycle", 0.003, 10, 5000, "val_acc")
+    count = count_parameters(build_model(ModelSpec.from_config(configs[0].model)))
+    assert count == 679_594 <= 1_000_000
 
 
 def test_preset_job_lists_are_hydras_and_the_command_line_wins():
@@ -88,7 +100,7 @@ def test_preset_mistakes_are_one_line_errors(tmp_path):
             "conv=interval(1,3): interval(...) samples numbers, but 'conv' is a config group of named options (1, 2, 3)",
         ("+study=step2-lin",): "+study=step2-lin: defines a sweep over conv, lin, channels, lr, epochs; run it with -m: "
                                "python -m fashioncnn -m +study=step2-lin",
-        ("-m", "+study=step9"): "study=step9: no option 'step9' in config group 'study'; available: step1-conv, step2-lin,",
+        ("-m", "+study=step9"): "study=step9: no option 'step9' in config group 'study'; available: m2-bn-flip-onecycle-10ep, step1-conv,",
     }
     for args, message in cases.items():
         with pytest.raises(ConfigError) as caught:
