@@ -113,8 +113,12 @@ class Store:
         import urllib.error
         import urllib.request
 
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(self.uri)  # without user:password@, which urllib would take for the host
+        address = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))
         try:
-            urllib.request.urlopen(f"{self.uri.rstrip('/')}/health", timeout=timeout)
+            urllib.request.urlopen(f"{address}/health", timeout=timeout)
         except urllib.error.HTTPError:
             return  # it answered (a proxy or an auth layer may refuse /health): reachable
         except (urllib.error.URLError, OSError) as error:

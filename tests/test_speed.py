@@ -73,7 +73,7 @@ def test_old_spellings_of_speed_keys_still_compose():
 @pytest.mark.parametrize(
     "arg,message",
     [
-        ("precision=fp16", "precision=fp16: Invalid value 'fp16', expected one of [fp32, bf16]"),
+        ("precision=fp16", "precision=fp16: Invalid value 'fp16', expected one of [auto, fp32, bf16]"),
         ("speed.optimizer_impl=fast", "speed.optimizer_impl=fast: Invalid value 'fast', expected one of [fused, foreach, loop]"),
         ("speed.channels_last=maybe", "speed.channels_last=maybe: Value 'maybe' is not a valid bool"),
         ("speed.threads=-1", "speed.threads=-1: not allowed, must be an integer >= 0 (0: torch's default)"),

@@ -53,7 +53,8 @@ def test_multirun_logs_every_combination_with_config_curves_and_tags(tmp_path):
         epoch_seconds = client.get_metric_history(run.info.run_id, "epoch_seconds")
         assert run.data.metrics["train_seconds"] == pytest.approx(sum(m.value for m in epoch_seconds))
         config = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / run.info.run_id))))
-        assert config["model"] == {"conv": int(conv), "lin": int(lin), "filter_in": 32, "filter_out": 32, "kernel_size": 3}
+        assert config["model"] == {"conv": int(conv), "lin": int(lin), "filter_in": 32, "filter_out": 32, "kernel_size": 3,
+                                   "norm": "none", "dropout": 0.0}
     assert "M3.3.32.32: best epoch" in result.stdout  # progress and results are visible in the terminal
     assert "epoch 2/2" in result.stdout
 
@@ -112,15 +113,20 @@ def test_determinism_same_seed_same_metrics(tmp_path):
 
 
 def test_a_failing_job_is_a_failed_run_with_its_error(tmp_path, tiny_dataset):
-    # The data directory holds a data set with the wrong number of images: the job fails loudly, and MLflow
-    # keeps a FAILED run with the error, not a RUNNING one.
-    result = run_cli([f"data_dir={tiny_dataset}", "subset=10", "epochs=1", "experiment=fails"], cwd=tmp_path)
+    # Data with the wrong number of images is refused before anything trains (one line, no store) ...
+    refused = run_cli([f"data_dir={tiny_dataset}", "subset=10", "epochs=1", "experiment=fails"], cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {tiny_dataset}: train images have shape (60, 28, 28) (uint8), expected (60000, 28, 28) uint8"]
+    assert not (tmp_path / "mlruns").exists()
+    # ... and a job that fails while it trains is a FAILED run with its error and traceback, not a RUNNING one.
+    result = run_cli(["subset=64", "epochs=1", "debug.fail_at_epoch=1", "experiment=fails"], cwd=tmp_path)
     assert result.returncode != 0
-    assert "train images have shape (60, 28, 28)" in result.stderr
+    assert "injected failure at epoch 1" in result.stderr
     client = local_store(tmp_path)
     (run,) = runs_of(client, "fails")
     assert run.info.status == "FAILED"
-    assert run.data.tags["error"].startswith("ValueError: ") and "train images have shape (60, 28, 28)" in run.data.tags["error"]
+    assert run.data.tags["error"] == "RuntimeError: injected failure at epoch 1 (debug.fail_at_epoch=1)"
     traceback_file = client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path))
     assert "Traceback" in open(traceback_file).read()
 

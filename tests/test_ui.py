@@ -176,13 +176,15 @@ def test_make_ui_link_opens_the_runs_table_in_chromium(tmp_path):
         for text in GENAI_OVERVIEW:
             assert text not in table, f"{url} opens the GenAI overview ({text!r})"
 
-        # The table nests the jobs, collapsed, under the parent; the sweep's link lists them flat.
+        # The table nests the jobs, collapsed, under the parent; the sweep's link lists its jobs flat (not the
+        # parent, which carries the sweep's best metric too and would sort among them).
         flat = sweep_url(base, experiment_id, parent.data.tags["sweep_id"])
         assert flat.startswith(url + "&")
         png = tmp_path / "runs-table.png"
-        jobs = dump_dom(flat, tmp_path / "sweep", [*RUNS_TABLE, parent_name, *models], "--window-size=1600,900", f"--screenshot={png}")
-        for text in [*RUNS_TABLE, parent_name, *models]:
+        jobs = dump_dom(flat, tmp_path / "sweep", [*RUNS_TABLE, *models], "--window-size=1600,900", f"--screenshot={png}")
+        for text in [*RUNS_TABLE, *models]:
             assert text in jobs, f"{text!r} not in the page {flat} opens"
+        assert "2 matching runs" in jobs
         assert "Overview - Experiment" not in jobs
 
         page = dump_dom(run_url(base, experiment_id, parent.info.run_id), tmp_path / "run", [parent_name, "Leaderboard", *models])
