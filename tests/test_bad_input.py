@@ -20,6 +20,7 @@ def one_error_line(result) -> str:
     return line
 
 
+@pytest.mark.slow
 @needs_data
 def test_a_truncated_data_file_is_named_as_damaged_before_anything_trains(tmp_path):
     data = tmp_path / "data"
@@ -44,6 +45,7 @@ def test_damaged_files_name_themselves(tmp_path):
         read_idx(tmp_path / "cut.gz")
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_fails_in_seconds(tmp_path):
     line = one_error_line(run_cli(["tracking_uri=http://127.0.0.1:1", "data_dir=nowhere"], cwd=tmp_path, timeout=60))
     assert line.startswith("error: tracking store http://127.0.0.1:1 (experiment 'fashioncnn') cannot be used: no answer within 5 s")

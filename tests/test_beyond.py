@@ -62,6 +62,7 @@ def test_batch_norm_after_each_conv_and_dropout_before_each_hidden_linear_layer(
 
 @pytest.mark.parametrize("options", [["norm=batch", "model.dropout=0.3"], ["augment=flip_crop", "schedule=onecycle", "label_smoothing=0.1"],
                                      ["augment=flip", "schedule=cosine", "norm=batch"]])
+@pytest.mark.slow
 def test_same_seed_same_metrics_with_every_option(options):
     cfg = compose(*SMALL, *options)
     assert run(cfg) == run(cfg)

@@ -134,6 +134,7 @@ def test_team_options_join_glob(tmp_path):
     assert sorted((c.model.conv, c.model.kernel_size) for c in configs) == [(1, 3), (1, 5), (2, 3), (3, 3)]
 
 
+@pytest.mark.slow
 def test_the_command_line_takes_sweep_functions(tmp_path):
     result = run_cli(["-m", "conv=range(1,4)", "lin=choice(2,3)", "channels=glob(64*)", "lr=sort(0.01,0.001)",
                       "threads=1", "--dry-run"], cwd=tmp_path)

@@ -134,6 +134,7 @@ def test_log_model_makes_a_logged_model_of_the_run_and_leaves_the_network_as_it_
     assert store["network"][3].weight.requires_grad
 
 
+@pytest.mark.slow
 def test_the_logged_model_loads_in_a_fresh_process_and_predicts_as_the_network_does(store):
     images, _ = synthetic_batch(6, 1000)
     batch = torch.cat([images, torch.rand(2, 1, 28, 28)]).numpy()
@@ -172,6 +173,7 @@ def test_model_uri_of_run_falls_back_to_a_pre_mlflow3_model_folder_and_names_a_r
 # ------------------------------------------------------------------------------------------- register
 
 
+@pytest.mark.slow
 def test_register_picks_the_best_finished_run_that_has_not_diverged_or_been_pruned(store, registered):
     assert registered.returncode == 0, registered.stderr
     line = registered.stdout.strip()
@@ -199,6 +201,7 @@ def test_register_refuses_what_has_nothing_to_register(store):
         register.best_run([store["client"].get_run(store["worse"])], "nope", "sweep x")
 
 
+@pytest.mark.slow
 def test_register_of_a_run_without_a_model_is_one_line_and_exit_2(store, registered):
     done = run_module(store["cwd"], "fashioncnn.register", store["worse"], "--tracking-uri", store["uri"])
     assert done.returncode == 2
@@ -237,6 +240,7 @@ def test_pictures_are_inverted_when_their_background_is_light_and_keep_their_asp
     assert predict.prepare_image(transparent)[14, 14] > 0.6
 
 
+@pytest.mark.slow
 def test_predict_prints_one_line_per_picture_and_per_image_of_an_idx_file(store, registered):
     assert registered.returncode == 0, registered.stderr
     folder = store["folder"]
@@ -258,6 +262,7 @@ def test_predict_prints_one_line_per_picture_and_per_image_of_an_idx_file(store,
     assert [line.split("  ")[1] for line in lines[2:]] == [serving.CLASSES[i] for i in expected]
 
 
+@pytest.mark.slow
 def test_predict_errors_are_one_line_and_exit_2(store, registered):
     assert registered.returncode == 0, registered.stderr
     folder, uri = store["folder"], store["uri"]
@@ -277,6 +282,7 @@ def test_predict_errors_are_one_line_and_exit_2(store, registered):
         assert len(stderr.splitlines()) == 1 and re.match(expected, stderr), (args, stderr)
 
 
+@pytest.mark.slow
 def test_predict_takes_a_run_id_for_its_model_and_names_what_exists_when_a_model_is_missing(store, registered):
     assert registered.returncode == 0, registered.stderr
     client = store["client"]

@@ -147,6 +147,7 @@ def test_same_seed_same_metrics_with_speed_options(options):
     assert first == second
 
 
+@pytest.mark.slow
 def test_relu_after_pool_is_the_same_network_bit_for_bit():
     data = tiny_data(train_count=256)
     for conv in (1, 2, 3):
