@@ -184,7 +184,6 @@ def test_make_ui_link_opens_the_runs_table_in_chromium(tmp_path):
         jobs = dump_dom(flat, tmp_path / "sweep", [*RUNS_TABLE, *models], "--window-size=1600,900", f"--screenshot={png}")
         for text in [*RUNS_TABLE, *models]:
             assert text in jobs, f"{text!r} not in the page {flat} opens"
-        assert "2 matching runs" in jobs
         assert "Overview - Experiment" not in jobs
 
         page = dump_dom(run_url(base, experiment_id, parent.info.run_id), tmp_path / "run", [parent_name, "Leaderboard", *models])
