@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import sys
-from collections import Counter
 from typing import Sequence
 
 import mlflow
@@ -28,8 +27,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from fashioncnn.results import (
-    DEFAULT_METRIC, SWEEP_TAG, ConfigScore, ResultsError, check_metric, is_diverged, is_pruned, mask, metric, rank_configurations,
-    resolve_metric, select, tracking_uri,
+    DEFAULT_METRIC, SWEEP_TAG, ConfigScore, ResultsError, check_metric, mask, metric, rank_configurations,
+    resolve_metric, select, selectable, tracking_uri,
 )
 
 ALIAS = "champion"
@@ -38,11 +37,7 @@ ALIAS = "champion"
 def best_configuration(runs: list[Run], metric_name: str, where: str) -> ConfigScore:
     """The best configuration (by the mean of its seeds' metric) among the FINISHED, not diverged, not pruned
     runs, its runs best first (ResultsError when there is none)."""
-    candidates = [r for r in runs if r.info.status == "FINISHED" and not is_diverged(r) and not is_pruned(r)]
-    if not candidates:
-        counts = Counter("diverged" if is_diverged(r) else "pruned" if is_pruned(r) else r.info.status for r in runs)
-        raise ResultsError(f"{where}: none of its {len(runs)} runs finished without diverging or being pruned"
-                           + (f" ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})" if runs else ""))
+    candidates = selectable(runs, where)
     check_metric(candidates, metric_name, where)
     return rank_configurations(candidates, metric_name)[0]
 

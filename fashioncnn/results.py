@@ -12,6 +12,7 @@ so reports start quickly.
 from __future__ import annotations
 
 import math
+from collections import Counter
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
@@ -162,6 +163,17 @@ def resolve_metric(runs: Iterable[Run], name: str) -> str:
         raise ResultsError(f"--metric auto: these runs were selected by different metrics ({', '.join(sorted(chosen))}); "
                            "name one with --metric")
     return chosen.pop() if chosen else "max_test_acc"
+
+
+def selectable(runs: list[Run], where: str) -> list[Run]:
+    """The runs retrain and the registry may pick: FINISHED, not diverged, not pruned (ResultsError when none is)."""
+    candidates = [r for r in runs if r.info.status == "FINISHED" and not is_diverged(r) and not is_pruned(r)]
+    if not candidates:
+        counts = Counter("diverged" if is_diverged(r) else "pruned" if is_pruned(r) else r.info.status for r in runs)
+        listed = f" ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})" if counts else ""
+        raise ResultsError(f"{where}: none of its {len(runs)} runs finished without diverging"
+                           f"{' or being pruned' if 'pruned' in counts else ''}{listed}")
+    return candidates
 
 
 def not_config(param: str) -> bool:

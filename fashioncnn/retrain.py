@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -34,8 +33,8 @@ from fashioncnn import sources
 from fashioncnn.config import LEGACY_SPEED_KEYS, not_learned_keys
 from fashioncnn.tracking import flatten
 from fashioncnn.results import (
-    DEFAULT_METRIC, ResultsError, check_metric, configuration, is_diverged, is_pruned, lower_is_better, mask, metric,
-    param_value, rank_configurations, resolve_metric, select, tracking_uri,
+    DEFAULT_METRIC, ResultsError, check_metric, configuration, lower_is_better, mask, metric,
+    param_value, rank_configurations, resolve_metric, select, selectable, tracking_uri,
 )
 
 GROUP = "retrained_from"
@@ -62,12 +61,7 @@ def pick(runs: list[Any], metric_name: str, top: int, lowest_first: bool | None,
         raise ResultsError(f"--top {top}: must be at least 1")
     if not runs:
         raise ResultsError(f"{where}: no runs (an empty sweep)")
-    candidates = [r for r in runs if r.info.status == "FINISHED" and not is_diverged(r) and not is_pruned(r)]
-    if not candidates:
-        counts = Counter("diverged" if is_diverged(r) else "pruned" if is_pruned(r) else r.info.status for r in runs)
-        raise ResultsError(f"{where}: none of its {len(runs)} runs finished without diverging"
-                           f"{' or being pruned' if 'pruned' in counts else ''} "
-                           f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
+    candidates = selectable(runs, where)
     check_metric(candidates, metric_name, where)
     configs = rank_configurations(candidates, metric_name, lowest_first)
     # A configuration that ran with several seeds is judged by their mean; its best seed's run is replayed.
