@@ -33,8 +33,13 @@ def ui_base_for(tracking_uri: str | None) -> str:
     parts = urlsplit(tracking_uri or "")
     if os.environ.get(UI_URL_ENV) or parts.scheme not in ("http", "https"):
         return ui_base()
-    host = parts.netloc.rpartition("@")[2]  # drop user:password@
-    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    return without_credentials(tracking_uri or "")
+
+
+def without_credentials(url: str) -> str:
+    """The server's address without user:password@ (and without a trailing slash)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))
 
 
 def experiments_url(base: str) -> str:
@@ -96,11 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", help="the UI's address; default: the tracking server for an http(s) URI, "
                                        f"else ${UI_URL_ENV}, else {DEFAULT_UI_URL}")
     args = parser.parse_args(argv)
-    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not tracking_uri:
-        from fashioncnn.tracking import default_tracking_uri
+    from fashioncnn.tracking import resolve_tracking_uri
 
-        tracking_uri = default_tracking_uri()
+    tracking_uri = resolve_tracking_uri(requested=args.tracking_uri)
     print(latest_sweep_url(tracking_uri, (args.base or ui_base_for(tracking_uri)).rstrip("/")))
 
 

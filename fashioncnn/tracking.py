@@ -113,10 +113,9 @@ class Store:
         import urllib.error
         import urllib.request
 
-        from urllib.parse import urlsplit, urlunsplit
+        from fashioncnn.links import without_credentials
 
-        parts = urlsplit(self.uri)  # without user:password@, which urllib would take for the host
-        address = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))
+        address = without_credentials(self.uri)  # urllib would take user:password@ for the host
         try:
             urllib.request.urlopen(f"{address}/health", timeout=timeout)
         except urllib.error.HTTPError:
