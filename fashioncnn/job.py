@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 from fashioncnn import links, tracking
 from fashioncnn.data import load
 from fashioncnn.model import ModelSpec, build_model, count_parameters, run_name
-from fashioncnn.train import resolve_device, train
+from fashioncnn.prune import make_pruner
+from fashioncnn.train import EpochMetrics, resolve_device, train
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,19 @@ def train_and_log(cfg: DictConfig) -> float | None:
             tracking.log_datasets(data, cfg.subset)
         log.info("%s: %s parameters, %d training and %d validation images from %s, device %s", name,
                  f"{param_count:,}", len(data.train_labels), len(data.val_labels), data.source, device)
-        result = train(cfg, model, data, device, on_epoch=tracking.log_epoch, checkpoint=checkpoint)
+        pruner = make_pruner(cfg, run.info.run_id)
+
+        def after_epoch(metrics: EpochMetrics) -> str | None:
+            tracking.log_epoch(metrics)
+            return pruner.after_epoch(metrics)
+
+        result = train(cfg, model, data, device, on_epoch=after_epoch, checkpoint=checkpoint)
         tracking.log_where_it_ran(device, torch.get_num_threads(), result.precision)
         tracking.log_summary(result)
         if result.diverged:
             mlflow.set_tags({tracking.DIVERGED_TAG: "true", "diverged_reason": result.diverged})
+        elif result.pruned:  # never picked, so no model to keep
+            mlflow.set_tags({tracking.PRUNED_TAG: "true", "pruned_reason": result.pruned})
         elif cfg.log_model:
             from fashioncnn.serving import log_model  # torch.export's import costs seconds: only when used
 

@@ -47,6 +47,7 @@ class EpochMetrics:
 class TrainResult:
     history: list[EpochMetrics] = field(default_factory=list)
     diverged: str | None = None  # why the divergence guard stopped the run, if it did
+    pruned: str | None = None  # why a pruner stopped the run after an epoch, if one did (prune.py)
     resumed_after_epoch: int = 0  # epochs restored from a checkpoint
     select_metric: str = "val_acc"
     best_epoch: int = 0  # the epoch `select_metric` picks (1-based)
@@ -325,10 +326,13 @@ def train(
     model: nn.Module,
     data: FashionMNIST,
     device: torch.device,
-    on_epoch: Callable[[EpochMetrics], None] = lambda metrics: None,
+    on_epoch: Callable[[EpochMetrics], str | None] = lambda metrics: None,
     checkpoint: Path | None = None,
 ) -> TrainResult:
-    """Train for cfg.epochs; with `checkpoint`, resume from it when it exists and rewrite it after every epoch."""
+    """Train for cfg.epochs; with `checkpoint`, resume from it when it exists and rewrite it after every epoch.
+
+    `on_epoch` gets each epoch's metrics; a string it returns stops the run there (a pruner's reason).
+    """
     torch.manual_seed(cfg.seed)
     order = torch.Generator().manual_seed(cfg.seed)  # its own generator: data order never depends on model init
     if cfg.speed.reuse_memory and device.type == "cpu":
@@ -419,9 +423,12 @@ def train(
             result.best_epoch = epoch
             result.best_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
         result.history.append(metrics)
-        on_epoch(metrics)
+        result.pruned = on_epoch(metrics)
         if result.diverged:
             log.warning("stopped early in epoch %d: %s", epoch, result.diverged)
+            break
+        if result.pruned:
+            log.info("pruned after epoch %d: %s", epoch, result.pruned)
             break
         if checkpoint is not None:
             save_checkpoint(
