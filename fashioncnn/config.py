@@ -141,8 +141,27 @@ def _not_learned(default: Any = None, factory: Any = None) -> Any:
 
 
 @dataclass
+class LeaseConfig:
+    """A training job's claim on its run: a `heartbeat` tag renewed while it trains (see README, "Leases")."""
+
+    heartbeat_seconds: float = 30.0  # how often the heartbeat tag is renewed
+    seconds: float = 300.0  # a RUNNING run whose heartbeat is older than this is taken over (resumed or retrained)
+
+
+@dataclass
+class TrackingConfig:
+    """How a job's metrics, params and tags reach the store (see README, "Training outlives the tracking server")."""
+
+    max_queued: int = 10_000  # batches waiting for the store; training waits only when this many are queued
+    retry_seconds: float = 5.0  # pause between delivery attempts while the store does not answer
+    outage_wait_seconds: float = 300.0  # at the job's end, how long to wait for the store before failing the job
+
+
+@dataclass
 class DebugConfig:
     fail_at_epoch: Optional[int] = None  # raise an error at the start of this epoch (tests failure handling)
+    # Exit at once (as `kill -9` would) after this epoch's checkpoint is stored and before its metrics are logged.
+    exit_after_checkpoint: Optional[int] = None
 
 
 @dataclass
@@ -176,6 +195,8 @@ class Config:
     force: bool = _not_learned(False)  # train even when a FINISHED run with the same effective config exists
     checkpoint_dir: str = _not_learned("mlruns/checkpoints")  # per-epoch checkpoints of unfinished runs
     keep_checkpoint: bool = _not_learned(False)  # log the final checkpoint as an artifact of its run
+    lease: LeaseConfig = _not_learned(factory=LeaseConfig)
+    tracking: TrackingConfig = _not_learned(factory=TrackingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
@@ -243,6 +264,11 @@ _RULES: dict[str, tuple[Any, str]] = {
     "divergence.warmup_images": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     "divergence.max_loss": (lambda v: v is None or (isinstance(v, float) and v > math.log(10)),
                             "null (off) or a number above ln 10 = 2.3, the loss of a chance-level guess"),
+    "lease.heartbeat_seconds": (lambda v: isinstance(v, float) and v > 0, "a number of seconds > 0"),
+    "lease.seconds": (lambda v: isinstance(v, float) and v > 0, "a number of seconds > 0 (more than lease.heartbeat_seconds)"),
+    "tracking.max_queued": (_positive_int, "an integer >= 1"),
+    "tracking.retry_seconds": (lambda v: isinstance(v, float) and v > 0, "a number of seconds > 0"),
+    "tracking.outage_wait_seconds": (lambda v: isinstance(v, float) and v >= 0, "a number of seconds >= 0"),
     "checkpoint_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a directory path"),
     "model.conv": (_positive_int, "an integer >= 1 (the study uses 1, 2 or 3)"),
     "model.lin": (_positive_int, "an integer >= 1 (the study uses 2, 3 or 4)"),
@@ -266,6 +292,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.subset is not None and cfg.subset > TRAIN_SET_SIZE - cfg.val_size:
         raise ConfigError(f"subset={cfg.subset}: not allowed with val_size={cfg.val_size}, at most "
                           f"{TRAIN_SET_SIZE - cfg.val_size} training images remain; lower subset, or val_size (0: no validation split)")
+    if cfg.lease.seconds <= cfg.lease.heartbeat_seconds:
+        raise ConfigError(f"lease.seconds={cfg.lease.seconds}: not allowed, must be more than lease.heartbeat_seconds="
+                          f"{cfg.lease.heartbeat_seconds} (a live job's heartbeat would look stale)")
     select = SelectMetric(cfg.select_metric).value
     if select.startswith("val_") and cfg.val_size == 0:
         raise ConfigError(f"select_metric={select}: needs a validation split, but val_size=0; set val_size "

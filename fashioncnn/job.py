@@ -20,8 +20,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fashioncnn import links, tracking
+from fashioncnn import checkpoints, lease, links, tracking
 from fashioncnn.data import load
+from fashioncnn.delivery import Delivery
 from fashioncnn.model import ModelSpec, build_model, count_parameters, run_name
 from fashioncnn.prune import make_pruner
 from fashioncnn.train import EpochMetrics, resolve_device, train
@@ -57,6 +58,10 @@ def hydra_app(cfg: DictConfig) -> float | None:
     return train_and_log(cfg)
 
 
+class StoreAway(RuntimeError):
+    """The tracking store did not come back before the job's end (tracking.outage_wait_seconds)."""
+
+
 def train_and_log(cfg: DictConfig) -> float | None:
     """Train the model that `cfg` describes as one MLflow run; return its max test accuracy."""
     handle_sigterm()
@@ -64,11 +69,33 @@ def train_and_log(cfg: DictConfig) -> float | None:
         raise RuntimeError("a fashioncnn job runs as part of a plan: start it with python -m fashioncnn")
     spec = ModelSpec.from_config(cfg.model)
     resume_run_id = os.environ.get(tracking.RESUME_RUN_ENV)
+    name = run_name(cfg)
+    uri = tracking.resolve_tracking_uri(cfg)
+    try:
+        tracking.wait_for_store(uri, cfg.tracking.outage_wait_seconds, cfg.tracking.retry_seconds)
+    except OSError as error:
+        return _store_away(name, f"tracking store {tracking.mask_secrets(uri)} did not answer for "
+                                 f"{cfg.tracking.outage_wait_seconds:g} s (tracking.outage_wait_seconds): {error}; "
+                                 "nothing trained, run the same command again")
+    client = tracking.store(uri).client
+    if resume_run_id and not lease.wins_resume(client, resume_run_id, cfg.lease.seconds):
+        log.warning("%s: run %s is running elsewhere (another process holds its lease): left alone", name, resume_run_id)
+        return None
     # The run starts before anything that can fail on this machine (device, data), so a failure is a
     # FAILED run with its error in MLflow, not just a traceback in a terminal.
-    name = run_name(cfg)
-    run = tracking.start_run(cfg, name, os.environ[tracking.FINGERPRINT_ENV], os.environ[tracking.EXPERIMENT_ID_ENV], resume_run_id)
-    checkpoint = tracking.checkpoint_path(cfg, run.info.run_id)
+    fingerprint, experiment_id = os.environ[tracking.FINGERPRINT_ENV], os.environ[tracking.EXPERIMENT_ID_ENV]
+    run = tracking.start_run(cfg, name, fingerprint, experiment_id, resume_run_id)
+    run_id = run.info.run_id
+    if resume_run_id is None and not lease.wins_new_run(client, experiment_id, fingerprint, client.get_run(run_id), cfg.lease.seconds):
+        mlflow.end_run("KILLED")
+        client.delete_run(run_id)  # a claim that lost: not a run of its own
+        log.warning("%s: running elsewhere (another command started it at the same moment): left alone", name)
+        return None
+    heartbeat = lease.Heartbeat(client, run_id, cfg.lease.heartbeat_seconds)
+    delivery = Delivery(client, run_id, cfg.tracking.max_queued, cfg.tracking.retry_seconds)
+    tracking.deliver_through(delivery)
+    logged = tracking.logged_steps(client, run_id) if resume_run_id else set()
+    stored = checkpoints.for_run(cfg, run_id)
     try:
         if cfg.speed.threads:
             torch.set_num_threads(cfg.speed.threads)
@@ -78,49 +105,79 @@ def train_and_log(cfg: DictConfig) -> float | None:
         model = build_model(spec)
         param_count = count_parameters(model)
         if resume_run_id is None:
-            mlflow.log_metric("param_count", param_count)
+            tracking.log_metrics({"param_count": param_count})
             tracking.log_datasets(data, cfg.subset)
         log.info("%s: %s parameters, %d training and %d validation images from %s, device %s", name,
                  f"{param_count:,}", len(data.train_labels), len(data.val_labels), data.source, device)
-        pruner = make_pruner(cfg, run.info.run_id)
+        pruner = make_pruner(cfg, run_id)
 
         def after_epoch(metrics: EpochMetrics) -> str | None:
-            tracking.log_epoch(metrics)
+            if metrics.epoch not in logged:  # re-trained after a resume: its metrics are already there
+                tracking.log_epoch(metrics)
             return pruner.after_epoch(metrics)
 
-        result = train(cfg, model, data, device, on_epoch=after_epoch, checkpoint=checkpoint)
+        result = train(cfg, model, data, device, on_epoch=after_epoch, checkpoints=stored)
+        for restored in result.history[:result.resumed_after_epoch]:
+            if restored.epoch not in logged:  # killed between its checkpoint and its metrics
+                tracking.log_epoch(restored)
         tracking.log_where_it_ran(device, torch.get_num_threads(), result.precision)
         tracking.log_summary(result)
         if result.diverged:
-            mlflow.set_tags({tracking.DIVERGED_TAG: "true", "diverged_reason": result.diverged})
+            tracking.set_tags({tracking.DIVERGED_TAG: "true", "diverged_reason": result.diverged})
         elif result.pruned:  # never picked, so no model to keep
-            mlflow.set_tags({tracking.PRUNED_TAG: "true", "pruned_reason": result.pruned})
-        elif cfg.log_model:
+            tracking.set_tags({tracking.PRUNED_TAG: "true", "pruned_reason": result.pruned})
+        if not delivery.drain(cfg.tracking.outage_wait_seconds):
+            raise StoreAway(f"tracking store {tracking.mask_secrets(uri)} did not answer for "
+                            f"{cfg.tracking.outage_wait_seconds:g} s (tracking.outage_wait_seconds) at the end of run "
+                            f"{run_id}: its last metrics are not delivered; its checkpoint stays: run the same command "
+                            "again to resume")
+        if not result.diverged and not result.pruned and cfg.log_model:
             from fashioncnn.serving import log_model  # torch.export's import costs seconds: only when used
 
             model.load_state_dict(result.best_state)
             log_model(model)
     except KeyboardInterrupt:
+        _stop(heartbeat, delivery, drain_seconds=cfg.tracking.retry_seconds * 2)
         mlflow.set_tag("error", "interrupted (Ctrl-C or SIGTERM); run the same command again to resume")
         mlflow.end_run("KILLED")
         raise
+    except StoreAway as error:
+        _stop(heartbeat, delivery, drain_seconds=0)
+        return _store_away(name, str(error))
     except Exception as error:
+        _stop(heartbeat, delivery, drain_seconds=cfg.tracking.outage_wait_seconds)
         tracking.record_failure(error)
         mlflow.end_run("FAILED")
         if not _in_sweep():
             raise
-        log.exception("%s: FAILED (run %s); the sweep goes on", name, run.info.run_id)
+        log.exception("%s: FAILED (run %s); the sweep goes on", name, run_id)
         return None
 
-    if cfg.keep_checkpoint and checkpoint.exists():
-        mlflow.log_artifact(str(checkpoint))
-    checkpoint.unlink(missing_ok=True)
+    _stop(heartbeat, delivery, drain_seconds=0)
+    stored.finish(keep=cfg.keep_checkpoint)
     mlflow.end_run("FINISHED")
     best = result.best
     log.info("%s: best epoch %d by %s: %s, test accuracy there %.4f (max %.4f), %.1fs training (run %s)%s",
              name, result.best_epoch, result.select_metric, f"{getattr(best, result.select_metric):.4f}",
-             best.test_acc, result.max_test_acc, result.train_seconds, run.info.run_id, _link(cfg, run))
+             best.test_acc, result.max_test_acc, result.train_seconds, run_id, _link(cfg, run))
     return result.max_test_acc
+
+
+def _store_away(name: str, message: str) -> None:
+    """The tracking store is gone: one line, no traceback; a single run exits 1, a sweep goes on."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if not _in_sweep():
+        raise SystemExit(1)
+    log.error("%s: %s; the sweep goes on", name, message)
+    return None
+
+
+def _stop(heartbeat: lease.Heartbeat, delivery: Delivery, drain_seconds: float) -> None:
+    """The run's background threads end; what is queued gets up to `drain_seconds` to reach the store."""
+    heartbeat.stop()
+    delivery.drain(drain_seconds)
+    delivery.close()
+    tracking.deliver_through(None)
 
 
 def _link(cfg: DictConfig, run: mlflow.ActiveRun) -> str:

@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 from mlflow.entities import Metric, Param, Run, RunStatus
 from omegaconf import DictConfig, OmegaConf
 
-from fashioncnn import links, preflight, tracking
+from fashioncnn import checkpoints, lease, links, preflight, tracking
 from fashioncnn import overrides as ov
 from fashioncnn.config import ConfigError, fingerprint_neutral, not_learned_keys, ranking_metric
 from fashioncnn.results import rank
@@ -71,6 +71,7 @@ class PlannedJob:
     tracking_uri: str
     done: Run | None  # a FINISHED run: the job is not launched
     resume: Run | None  # an unfinished run with a checkpoint: the job resumes it
+    elsewhere: Run | None = None  # a RUNNING run whose lease another process holds: the job is not launched
 
     @property
     def command(self) -> str:
@@ -82,6 +83,9 @@ class PlannedJob:
     def action(self) -> str:
         if self.done is not None:
             return f"skip: already FINISHED as run {self.done.info.run_id}"
+        if self.elsewhere is not None:
+            age = lease.heartbeat_age(self.elsewhere) or 0.0
+            return f"running elsewhere: run {self.elsewhere.info.run_id} (heartbeat {age:.0f} s ago); left alone"
         if self.resume is not None:
             return f"resume run {self.resume.info.run_id} from its checkpoint"
         return "train"
@@ -96,14 +100,15 @@ class Plan:
 
     @property
     def to_run(self) -> list[PlannedJob]:
-        return [job for job in self.jobs if job.done is None]
+        return [job for job in self.jobs if job.done is None and job.elsewhere is None]
 
     def describe(self) -> str:
         lines = [f"#{job.index} {job.model_name:<12} {job.command}: {job.action}" for job in self.jobs]
         skipped = sum(job.done is not None for job in self.jobs)
         resumed = sum(job.resume is not None for job in self.jobs)
-        lines.append(f"{len(self.jobs)} jobs: {len(self.jobs) - skipped - resumed} to train, {resumed} to resume, "
-                     f"{skipped} already finished")
+        elsewhere = sum(job.elsewhere is not None for job in self.jobs)
+        lines.append(f"{len(self.jobs)} jobs: {len(self.jobs) - skipped - resumed - elsewhere} to train, {resumed} to resume, "
+                     f"{skipped} already finished" + (f", {elsewhere} running elsewhere" if elsewhere else ""))
         return "\n".join(lines)
 
 
@@ -132,9 +137,11 @@ def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequen
         fp = fingerprint(cfg)
         runs = known[uri, cfg.experiment].get(fp, [])
         done = None if cfg.force else next((r for r in runs if r.info.status == "FINISHED"), None)
-        resume = None if done else next(
-            (r for r in runs if r.info.status != "FINISHED" and tracking.checkpoint_path(cfg, r.info.run_id).exists()), None)
-        planned.append(PlannedJob(index, overrides, cfg, fp, run_name(cfg), uri, done, resume))
+        # A run whose process still renews its heartbeat is left to it; one listing per other unfinished run.
+        elsewhere = None if done else next((r for r in runs if lease.held_elsewhere(r, cfg.lease.seconds)), None)
+        resume = None if done or elsewhere else next(
+            (r for r in runs if r.info.status != "FINISHED" and checkpoints.exists(cfg, r.info.run_id)), None)
+        planned.append(PlannedJob(index, overrides, cfg, fp, run_name(cfg), uri, done, resume, elsewhere))
     _, multirun = ov.split_flags(args)
     return Plan(list(args), list(typed), multirun, planned)
 
@@ -206,6 +213,9 @@ def run(plan: Plan) -> int:
         if job.done is not None:
             print(f"{job.model_name}: skipped, already FINISHED as run {job.done.info.run_id} (force=true trains it again)")
             return 0
+        if job.elsewhere is not None:
+            print(f"{job.model_name}: {job.action}")
+            return 0
         try:
             _hydra(plan.args + decision(job, experiment_ids[job.tracking_uri, job.cfg.experiment]))
         except KeyboardInterrupt as stop:
@@ -216,7 +226,9 @@ def run(plan: Plan) -> int:
     parent = ParentRun(plan, tracking.store(first.tracking_uri), experiment_ids[first.tracking_uri, first.cfg.experiment])
     _launch_list = [job.overrides + decision(job, experiment_ids[job.tracking_uri, job.cfg.experiment], parent.sweep_id, parent.run_id)
                     for job in plan.to_run]
-    print(f"sweep {parent.sweep_id}: {len(plan.jobs)} jobs, {len(plan.jobs) - len(plan.to_run)} already finished"
+    elsewhere = sum(job.elsewhere is not None for job in plan.jobs)
+    print(f"sweep {parent.sweep_id}: {len(plan.jobs)} jobs, {len(plan.jobs) - len(plan.to_run) - elsewhere} already finished"
+          + (f", {elsewhere} running elsewhere" if elsewhere else "")
           + (" (re-attached to its parent run)" if parent.reattached else ""), flush=True)
     interrupted = None
     try:
@@ -303,6 +315,8 @@ class ParentRun:
     def kill_unfinished_jobs(self) -> None:
         """After an interrupt: runs that the launcher's workers left RUNNING are KILLED, not RUNNING forever."""
         for run in self.store.search(self.experiment_id, f"tags.{tracking.SWEEP_TAG} = '{self.sweep_id}' and attributes.status = 'RUNNING'"):
+            if lease.held_elsewhere(run, float("inf")) and run.data.tags.get(lease.OWNER_TAG) != lease.PROCESS_OWNER:
+                continue  # another command's (or a worker's) run, its heartbeat says when it is gone
             if run.info.run_id != self.run_id:
                 self.store.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
 
@@ -310,6 +324,8 @@ class ParentRun:
 # ------------------------------------------------------------------------------------------- summary
 
 FAILED_STATUSES = {"FAILED", "KILLED", "NOT RUN", "RUNNING", "SCHEDULED"}
+# Another process holds the job's lease and trains it: not a failure of this command (that one reports it).
+RUNNING_ELSEWHERE = "RUNNING ELSEWHERE"
 
 
 def swept_keys(plan: Plan) -> dict[str, str]:
@@ -372,7 +388,12 @@ def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str]
             run, status = job.done, "SKIPPED"
         else:
             run = ran[key].get(job.fingerprint)
+            if run is None or run.info.status == "RUNNING":  # another command's, when this command's job left it alone
+                run = _latest_elsewhere(job, experiment_ids[key]) or run
             status = "NOT RUN" if run is None else run.info.status
+            if run is not None and status == "RUNNING" and lease.held_elsewhere(run, job.cfg.lease.seconds) \
+                    and run.data.tags.get(lease.OWNER_TAG) != lease.PROCESS_OWNER:
+                status = RUNNING_ELSEWHERE
             if run is not None and run.data.tags.get(tracking.DIVERGED_TAG) == "true":
                 status = "DIVERGED"
         metrics = run.data.metrics if run is not None else {}
@@ -383,6 +404,12 @@ def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str]
         row["run_id"] = run.info.run_id if run is not None else ""
         rows.append(row)
     return rows
+
+
+def _latest_elsewhere(job: PlannedJob, experiment_id: str) -> Run | None:
+    """The newest run of the job's config, whichever command made it (None: none)."""
+    runs = tracking.store(job.tracking_uri).search(experiment_id, f"tags.{tracking.FINGERPRINT_TAG} = '{job.fingerprint}'")
+    return runs[0] if runs else None
 
 
 def _columns(rows: list[dict[str, str]]) -> list[str]:

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -27,11 +28,13 @@ from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from fashioncnn import lease
 from fashioncnn.config import ranking_metric
 from fashioncnn.sources import option_source
 
 if TYPE_CHECKING:  # the training loop's types only: importing torch here would slow every report
     from fashioncnn.data import FashionMNIST
+    from fashioncnn.delivery import Delivery
     from fashioncnn.train import EpochMetrics, TrainResult
 
 log = logging.getLogger(__name__)
@@ -97,7 +100,10 @@ class Store:
     def client(self) -> MlflowClient:
         # Made on first use: a client of a sqlite URI creates the database file and its tables.
         if self._client is None:
-            self._client = MlflowClient(self.uri)
+            client = MlflowClient(self.uri)
+            if sqlite_path(self.uri) is not None:
+                open_sqlite_store(client)
+            self._client = client
         return self._client
 
     def exists(self) -> bool:
@@ -170,9 +176,33 @@ class Store:
         return grouped
 
 
-def checkpoint_path(cfg: DictConfig, run_id: str) -> Path:
-    """Where a run's per-epoch checkpoint lives until the run finishes."""
-    return Path(cfg.checkpoint_dir) / f"{run_id}.pt"
+def open_sqlite_store(client: MlflowClient, attempts: int = 20, pause: float = 0.5) -> None:
+    """Open (creating when new) the client's sqlite store, waiting out another process creating it at the same
+    moment: MLflow then fails with "table ... already exists" or a half-made schema, and succeeds once it is done."""
+    for attempt in range(attempts):
+        try:
+            client._tracking_client.store  # noqa: B018  (MLflow makes the store, and its tables, on first access)
+            return
+        except Exception as error:  # sqlalchemy's OperationalError or MLflow's schema check, depending on the moment
+            if attempt == attempts - 1:
+                raise
+            log.debug("sqlite store being created by another process (%s); retrying", str(error).splitlines()[0])
+            time.sleep(pause)
+
+
+def wait_for_store(uri: str, seconds: float, pause: float) -> None:
+    """For a tracking server: wait up to `seconds` for it to answer (a job starting during an outage);
+    raises OSError with the reason when it does not."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            store(uri).check_reachable()
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("tracking server %s not answering; waiting for it (up to %g s in all)", mask_secrets(uri), seconds)
+            time.sleep(pause)
 
 
 _stores: dict[str, Store] = {}
@@ -234,14 +264,42 @@ def start_run(cfg: DictConfig, model_name: str, fingerprint: str, experiment_id:
     system_metrics = bool(cfg.system_metrics)
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)
-        mlflow.set_tags({**sweep_tags(), "resumed": "true"})
+        mlflow.set_tags({**sweep_tags(), "resumed": "true", **lease.heartbeat_tags()})
         return run
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=model_name, tags=run_tags(model_name, fingerprint),
-                           log_system_metrics=system_metrics)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=model_name,
+                           tags=run_tags(model_name, fingerprint) | lease.heartbeat_tags(), log_system_metrics=system_metrics)
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     mlflow.log_params({key: mask_secrets(str(value)) for key, value in flatten(resolved)})
     mlflow.log_text(mask_secrets(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
     return run
+
+
+_delivery: Delivery | None = None  # the active run's queue (job.py), else the fluent API logs directly
+
+
+def deliver_through(delivery: Delivery | None) -> None:
+    """Send the active run's metrics and tags through `delivery` (None: straight to the store)."""
+    global _delivery
+    _delivery = delivery
+
+
+def log_metrics(values: Mapping[str, float], step: int | None = None) -> None:
+    if _delivery is not None:
+        _delivery.log(metrics=values, step=step or 0)
+    else:
+        mlflow.log_metrics(dict(values), step=step)
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    if _delivery is not None:
+        _delivery.log(tags=tags)
+    else:
+        mlflow.set_tags(dict(tags))
+
+
+def logged_steps(client: MlflowClient, run_id: str) -> set[int]:
+    """The epochs whose metrics the run already has (a resumed run logs each epoch once)."""
+    return {metric.step for metric in client.get_metric_history(run_id, "test_acc")}
 
 
 def record_failure(error: BaseException) -> None:
@@ -263,7 +321,7 @@ def log_epoch(metrics: EpochMetrics) -> None:
         values |= {"val_loss": metrics.val_loss, "val_acc": metrics.val_acc}
     if metrics.lr is not None:
         values["lr"] = metrics.lr
-    mlflow.log_metrics(values, step=metrics.epoch)
+    log_metrics(values, step=metrics.epoch)
 
 
 def log_summary(result: TrainResult) -> None:
@@ -280,7 +338,7 @@ def log_summary(result: TrainResult) -> None:
         values[ranking_metric(result.select_metric)] = getattr(best, result.select_metric)
     if result.seconds_to_90 is not None:  # time-to-accuracy, as speedrun records compare
         values["seconds_to_90"] = result.seconds_to_90
-    mlflow.log_metrics(values)
+    log_metrics(values)
 
 
 def log_where_it_ran(device: Any, threads: int, precision: str) -> None:
@@ -294,7 +352,7 @@ def log_where_it_ran(device: Any, threads: int, precision: str) -> None:
     else:
         name = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")),
                     platform.processor() or platform.machine())
-    mlflow.set_tags({"ran.device": str(device), "ran.device_name": name, "ran.torch": torch.__version__,
+    set_tags({"ran.device": str(device), "ran.device_name": name, "ran.torch": torch.__version__,
                      "ran.threads": str(threads), "ran.precision": precision})
 
 

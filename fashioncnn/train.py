@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ from tqdm import tqdm
 
 from fashioncnn.config import Optimizer, OptimizerImpl, Precision, Schedule
 from fashioncnn.data import MEAN, STD, FashionMNIST
+
+if TYPE_CHECKING:  # where checkpoints go is checkpoints.py's business (it imports MLflow)
+    from fashioncnn.checkpoints import Checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -327,9 +330,9 @@ def train(
     data: FashionMNIST,
     device: torch.device,
     on_epoch: Callable[[EpochMetrics], str | None] = lambda metrics: None,
-    checkpoint: Path | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> TrainResult:
-    """Train for cfg.epochs; with `checkpoint`, resume from it when it exists and rewrite it after every epoch.
+    """Train for cfg.epochs; with `checkpoints`, resume from the latest one and store one after every epoch.
 
     `on_epoch` gets each epoch's metrics; a string it returns stops the run there (a pruner's reason).
     """
@@ -358,7 +361,8 @@ def train(
     if result.select_metric.startswith("val_") and not len(val_images):
         raise ValueError(f"select_metric={result.select_metric} needs validation images; the data has none (val_size=0?)")
     guard = DivergenceGuard(cfg.divergence)
-    if checkpoint is not None and checkpoint.exists():
+    checkpoint = checkpoints.latest() if checkpoints is not None else None
+    if checkpoint is not None:
         # Everything the next epoch depends on, so a resumed run ends exactly as an uninterrupted one.
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
@@ -423,16 +427,10 @@ def train(
             result.best_epoch = epoch
             result.best_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
         result.history.append(metrics)
-        result.pruned = on_epoch(metrics)
-        if result.diverged:
-            log.warning("stopped early in epoch %d: %s", epoch, result.diverged)
-            break
-        if result.pruned:
-            log.info("pruned after epoch %d: %s", epoch, result.pruned)
-            break
-        if checkpoint is not None:
-            save_checkpoint(
-                checkpoint,
+        # The checkpoint before the epoch's metrics: a kill in between re-logs nothing on resume (the job
+        # logs the restored epochs its run lacks), where the other order would log the epoch twice.
+        if checkpoints is not None and not result.diverged:
+            checkpoints.save(epoch, dict(
                 model=model.state_dict(),
                 optimizer=optimizer.state_dict(),
                 order_rng=order.get_state(),
@@ -443,5 +441,17 @@ def train(
                 images_seen=guard.images_seen,
                 best_epoch=result.best_epoch,
                 best_model=result.best_state,
-            )
+            ))
+            if epoch == cfg.debug.exit_after_checkpoint:
+                checkpoints.flush(timeout=600)
+                log.warning("debug.exit_after_checkpoint=%d: exiting as if killed", epoch)
+                logging.shutdown()
+                os._exit(137)
+        result.pruned = on_epoch(metrics)
+        if result.diverged:
+            log.warning("stopped early in epoch %d: %s", epoch, result.diverged)
+            break
+        if result.pruned:
+            log.info("pruned after epoch %d: %s", epoch, result.pruned)
+            break
     return result
