@@ -193,7 +193,7 @@ class ArtifactCheckpoints:
 
         try:
             repository = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
-            repository.delete_artifacts(f"{ARTIFACT_DIR}/{name}")
+            repository.delete_artifacts(f"{ARTIFACT_DIR}/{name}".rstrip("/"))
         except Exception as error:  # a leftover older checkpoint misleads nobody (readers take the newest)
             log.debug("could not delete the older checkpoint %s: %s", name, error)
 
@@ -219,8 +219,7 @@ class ArtifactCheckpoints:
                 self._pending = None
             if self._thread is not None:
                 self._thread.join()
-            for name in self._uploaded:
-                self._delete(name)
+            self._delete("")  # the whole checkpoint folder of the run
         for path in self.cache.glob("epoch-*"):
             path.unlink(missing_ok=True)
         try:

@@ -161,7 +161,7 @@ class TrackingConfig:
 class DebugConfig:
     fail_at_epoch: Optional[int] = None  # raise an error at the start of this epoch (tests failure handling)
     # Exit at once (as `kill -9` would) after this epoch's checkpoint is stored and before its metrics are logged.
-    exit_after_checkpoint: Optional[int] = None
+    exit_after_checkpoint: Optional[int] = field(default=None, metadata={"learns": False})
 
 
 @dataclass
@@ -203,6 +203,15 @@ class Config:
 def not_learned_keys() -> list[str]:
     """Top-level keys that say where or how fast a run goes, not what it learns (`speed` is one of them)."""
     return [f.name for f in fields(Config) if f.metadata.get("learns", True) is False]
+
+
+def nested_not_learned_keys() -> list[str]:
+    """Dotted keys inside a learned node that still do not change what a run learns (debug.exit_after_checkpoint)."""
+    found = []
+    for f in fields(Config):
+        if f.metadata.get("learns", True) and f.default_factory is not MISSING and is_dataclass(f.default_factory):
+            found += [f"{f.name}.{inner.name}" for inner in fields(f.default_factory) if inner.metadata.get("learns", True) is False]
+    return found
 
 
 def fingerprint_neutral(node: Any = None, prefix: str = "") -> dict[str, Any]:

@@ -86,7 +86,8 @@ def train_and_log(cfg: DictConfig) -> float | None:
     fingerprint, experiment_id = os.environ[tracking.FINGERPRINT_ENV], os.environ[tracking.EXPERIMENT_ID_ENV]
     run = tracking.start_run(cfg, name, fingerprint, experiment_id, resume_run_id)
     run_id = run.info.run_id
-    if resume_run_id is None and not lease.wins_new_run(client, experiment_id, fingerprint, client.get_run(run_id), cfg.lease.seconds):
+    if resume_run_id is None and not lease.wins_new_run(client, experiment_id, fingerprint, client.get_run(run_id), cfg.lease.seconds,
+                                                         cfg.force):
         mlflow.end_run("KILLED")
         client.delete_run(run_id)  # a claim that lost: not a run of its own
         log.warning("%s: running elsewhere (another command started it at the same moment): left alone", name)

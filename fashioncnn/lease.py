@@ -52,16 +52,18 @@ def held_elsewhere(run: Run, lease_seconds: float, now: float | None = None) -> 
     return run.info.status == "RUNNING" and age is not None and age < lease_seconds
 
 
-def wins_new_run(client: MlflowClient, experiment_id: str, fingerprint: str, mine: Run, lease_seconds: float) -> bool:
-    """After creating run `mine`: whether it is the one to train (no earlier live or finished run of the same job)."""
+def wins_new_run(client: MlflowClient, experiment_id: str, fingerprint: str, mine: Run, lease_seconds: float,
+                 force: bool = False) -> bool:
+    """After creating run `mine`: whether it is the one to train (no earlier live run of the same job, and no
+    FINISHED one: the plan saw none, so another command finished it since; with `force`, one since this run began)."""
     time.sleep(SETTLE_SECONDS)
     others = client.search_runs([experiment_id], f"tags.fingerprint = '{fingerprint}'", max_results=1000)
     key = (mine.info.start_time, mine.info.run_id)
     for other in others:
         if other.info.run_id == mine.info.run_id:
             continue
-        if other.info.status == "FINISHED" and other.info.end_time and other.info.end_time >= key[0]:
-            return False  # finished by another process after this command planned
+        if other.info.status == "FINISHED" and (not force or (other.info.end_time or 0) >= key[0]):
+            return False
         if held_elsewhere(other, lease_seconds) and (other.info.start_time, other.info.run_id) < key:
             return False
     return True

@@ -179,10 +179,11 @@ def selectable(runs: list[Run], where: str) -> list[Run]:
 def not_config(param: str) -> bool:
     """Params that do not make two runs different configurations: where and how fast they ran, the
     parameter count, and the seed (what a configuration's mean and standard deviation are over)."""
-    from fashioncnn.config import LEGACY_SPEED_KEYS, not_learned_keys
+    from fashioncnn.config import LEGACY_SPEED_KEYS, nested_not_learned_keys, not_learned_keys
 
     top = param.split(".", 1)[0]
-    return top in not_learned_keys() or top in LEGACY_SPEED_KEYS or param in ("seed", "param_count")
+    return (top in not_learned_keys() or top in LEGACY_SPEED_KEYS or param in ("seed", "param_count")
+            or param in nested_not_learned_keys())
 
 
 def configuration(run: Run) -> tuple:

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fashioncnn import checkpoints, lease, links, preflight, tracking
 from fashioncnn import overrides as ov
-from fashioncnn.config import ConfigError, fingerprint_neutral, not_learned_keys, ranking_metric
+from fashioncnn.config import ConfigError, fingerprint_neutral, nested_not_learned_keys, not_learned_keys, ranking_metric
 from fashioncnn.results import rank
 from fashioncnn.model import run_name
 from fashioncnn.train import precision_used, resolve_device
@@ -48,6 +48,9 @@ def fingerprint(cfg: DictConfig) -> str:
     assert isinstance(content, dict)
     for key in not_learned_keys():
         content.pop(key, None)
+    for key in nested_not_learned_keys():
+        parent, leaf = key.split(".")
+        content.get(parent, {}).pop(leaf, None)
     for key, neutral in fingerprint_neutral().items():
         *parents, leaf = key.split(".")
         node = content

@@ -100,10 +100,8 @@ class Store:
     def client(self) -> MlflowClient:
         # Made on first use: a client of a sqlite URI creates the database file and its tables.
         if self._client is None:
-            client = MlflowClient(self.uri)
-            if sqlite_path(self.uri) is not None:
-                open_sqlite_store(client)
-            self._client = client
+            path = sqlite_path(self.uri)
+            self._client = open_sqlite_store(path) if path is not None else MlflowClient(self.uri)
         return self._client
 
     def exists(self) -> bool:
@@ -176,18 +174,51 @@ class Store:
         return grouped
 
 
-def open_sqlite_store(client: MlflowClient, attempts: int = 20, pause: float = 0.5) -> None:
-    """Open (creating when new) the client's sqlite store, waiting out another process creating it at the same
-    moment: MLflow then fails with "table ... already exists" or a half-made schema, and succeeds once it is done."""
-    for attempt in range(attempts):
+def open_sqlite_store(path: Path, attempts: int = 40, pause: float = 0.5) -> MlflowClient:
+    """A client of the sqlite store at `path`, never racing another process that creates it.
+
+    Two processes that create the same new database at once run MLflow's schema migrations over each other
+    ("table ... already exists", or a database left with no schema version: broken for good). So a new
+    store is built under a private name and linked into place only if no file is there yet; a file that
+    another process is still writing is given time to settle, and opening it is retried."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        private = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        private.unlink(missing_ok=True)
+        builder = MlflowClient(f"sqlite:///{private}")
+        builder._tracking_client.store.engine.dispose()  # noqa: SLF001  (MLflow makes the tables on first access)
         try:
-            client._tracking_client.store  # noqa: B018  (MLflow makes the store, and its tables, on first access)
-            return
+            os.link(private, path)  # atomic, and refuses when another process's file is already there
+        except FileExistsError:
+            pass
+        finally:
+            private.unlink(missing_ok=True)
+    for attempt in range(attempts):
+        if not _schema_complete(path) and attempt < attempts - 1:  # another process is still making its tables
+            time.sleep(pause)
+            continue
+        try:
+            return MlflowClient(f"sqlite:///{path}")  # opens the store (and makes its tables when there are none)
         except Exception as error:  # sqlalchemy's OperationalError or MLflow's schema check, depending on the moment
             if attempt == attempts - 1:
                 raise
-            log.debug("sqlite store being created by another process (%s); retrying", str(error).splitlines()[0])
+            log.debug("sqlite store %s being created by another process (%s); retrying", path, str(error).splitlines()[0])
             time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def _schema_complete(path: Path) -> bool:
+    """Whether the sqlite database at `path` has MLflow's schema at its latest version (read-only look)."""
+    import sqlite3
+
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    try:
+        with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5) as connection:
+            row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.Error:
+        return False
+    return row is not None and row[0] == _get_latest_schema_revision()
 
 
 def wait_for_store(uri: str, seconds: float, pause: float) -> None:
