@@ -119,6 +119,7 @@ class ArtifactCheckpoints:
         self._changed = threading.Condition()
         self._closing = False
         self._uploading: Path | None = None
+        self._failing = False  # warn once per outage
         self._thread: threading.Thread | None = None
 
     def latest(self) -> Path | None:
@@ -172,14 +173,17 @@ class ArtifactCheckpoints:
                 for old in self._uploaded:
                     self._delete(old)
                 self._uploaded = [path.name]
+                self._failing = False
                 with self._changed:
                     self._stored = max(self._stored, epoch)
                     self._uploading = None
                     self._changed.notify_all()
             except Exception as error:  # the server is away: keep the file, try again (or a newer one) later
-                log.warning("checkpoint of epoch %d not uploaded yet (%s); retrying in %g s", epoch,
-                            tracking.mask_secrets(str(error).splitlines()[0] if str(error) else type(error).__name__),
-                            self.retry_seconds)
+                (log.debug if self._failing else log.warning)(
+                    "checkpoint of epoch %d not uploaded yet (%s); retrying every %g s, training goes on", epoch,
+                    tracking.mask_secrets(str(error).splitlines()[0] if str(error) else type(error).__name__),
+                    self.retry_seconds)
+                self._failing = True
                 with self._changed:
                     self._uploading = None
                     if self._pending is None:

@@ -84,7 +84,16 @@ def train_and_log(cfg: DictConfig) -> float | None:
     # The run starts before anything that can fail on this machine (device, data), so a failure is a
     # FAILED run with its error in MLflow, not just a traceback in a terminal.
     fingerprint, experiment_id = os.environ[tracking.FINGERPRINT_ENV], os.environ[tracking.EXPERIMENT_ID_ENV]
-    run = tracking.start_run(cfg, name, fingerprint, experiment_id, resume_run_id)
+    try:
+        run = tracking.start_run(cfg, name, fingerprint, experiment_id, resume_run_id)
+    except Exception as error:
+        if not uri.startswith(("http://", "https://")):
+            raise
+        if mlflow.active_run() is not None:
+            mlflow.end_run("FAILED")  # best effort: the server may take it, else the lease lapses
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return _store_away(name, f"tracking store {tracking.mask_secrets(uri)} failed while the run started: "
+                                 f"{tracking.mask_secrets(reason)}; nothing trained, run the same command again")
     run_id = run.info.run_id
     if resume_run_id is None and not lease.wins_new_run(client, experiment_id, fingerprint, client.get_run(run_id), cfg.lease.seconds,
                                                          cfg.force):

@@ -13,6 +13,7 @@ Kept free of torch, so reports and the command line start quickly.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -214,7 +215,7 @@ def _schema_complete(path: Path) -> bool:
     from mlflow.store.db.utils import _get_latest_schema_revision
 
     try:
-        with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5) as connection:
+        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5) as connection:
             row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
     except sqlite3.Error:
         return False
@@ -225,14 +226,15 @@ def wait_for_store(uri: str, seconds: float, pause: float) -> None:
     """For a tracking server: wait up to `seconds` for it to answer (a job starting during an outage);
     raises OSError with the reason when it does not."""
     deadline = time.monotonic() + seconds
-    while True:
+    for attempt in itertools.count():
         try:
             store(uri).check_reachable()
             return
         except OSError:
             if time.monotonic() >= deadline:
                 raise
-            log.warning("tracking server %s not answering; waiting for it (up to %g s in all)", mask_secrets(uri), seconds)
+            if attempt == 0:
+                log.warning("tracking server %s not answering; waiting for it (up to %g s)", mask_secrets(uri), seconds)
             time.sleep(pause)
 
 

@@ -92,7 +92,8 @@ def start_cli(args, cwd):
 
 
 def test_kill_9_mid_job_then_rerun_resumes_from_the_checkpoint_with_identical_metrics(tmp_path):
-    args = ["-m", "seed=1,2", "subset=512", "epochs=6", *SMALL, "experiment=resume"]
+    # A short lease: the killed job's heartbeat must lapse before the re-run may take its run over.
+    args = ["-m", "seed=1,2", "subset=512", "epochs=6", *SMALL, "experiment=resume", "lease.heartbeat_seconds=0.5", "lease.seconds=2"]
     checkpoints = tmp_path / "mlruns" / "checkpoints"
     sweep = start_cli(args, tmp_path)
     client = local_store(tmp_path)
@@ -113,6 +114,9 @@ def test_kill_9_mid_job_then_rerun_resumes_from_the_checkpoint_with_identical_me
     epochs_before = len(metric_history(client, killed.info.run_id, "test_acc"))
     assert 1 <= epochs_before < 6
 
+    held = run_cli([*args, "--dry-run"], cwd=tmp_path)  # its heartbeat is still fresh: left alone
+    assert f"running elsewhere: run {killed.info.run_id}" in held.stdout or "resume run" in held.stdout, held.stdout
+    time.sleep(2.5)
     again = run_cli(args, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "2 jobs, 1 already finished" in again.stdout
