@@ -114,8 +114,8 @@ def test_kill_9_mid_job_then_rerun_resumes_from_the_checkpoint_with_identical_me
     epochs_before = len(metric_history(client, killed.info.run_id, "test_acc"))
     assert 1 <= epochs_before < 6
 
-    held = run_cli([*args, "--dry-run"], cwd=tmp_path)  # its heartbeat is still fresh: left alone
-    assert f"running elsewhere: run {killed.info.run_id}" in held.stdout or "resume run" in held.stdout, held.stdout
+    held = run_cli([*args, "lease.seconds=600", "--dry-run"], cwd=tmp_path)  # within a long lease: left alone
+    assert f"running elsewhere: run {killed.info.run_id}" in held.stdout and "1 running elsewhere" in held.stdout, held.stdout
     time.sleep(2.5)
     again = run_cli(args, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

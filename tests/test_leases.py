@@ -1,0 +1,49 @@
+"""Quick checks of the pieces behind issue 14's slow tests: who holds a lease, the loop's order of checkpoint
+and metrics, and the divergence guard at the issue's lr=1e6."""
+
+import time
+
+import torch
+from mlflow.entities import Run, RunData, RunInfo, RunTag
+
+from fashioncnn.checkpoints import LocalCheckpoints
+from fashioncnn.lease import HEARTBEAT_TAG, held_elsewhere
+from fashioncnn.model import ModelSpec, build_model
+from fashioncnn.train import train
+
+from test_speed import CPU, compose, tiny_data
+
+
+def a_run(status: str, heartbeat: float | None) -> Run:
+    tags = [RunTag(HEARTBEAT_TAG, f"{heartbeat:.0f}")] if heartbeat is not None else []
+    return Run(RunInfo("r1", "1", "me", status, 0, None, "active"), RunData(tags=tags))
+
+
+def test_only_a_running_run_with_a_fresh_heartbeat_is_held_elsewhere():
+    now = time.time()
+    assert held_elsewhere(a_run("RUNNING", now - 10), lease_seconds=300, now=now)
+    assert not held_elsewhere(a_run("RUNNING", now - 301), lease_seconds=300, now=now)  # its process is gone
+    assert not held_elsewhere(a_run("KILLED", now - 10), lease_seconds=300, now=now)  # ended: resumable at once
+    assert not held_elsewhere(a_run("RUNNING", None), lease_seconds=300, now=now)  # an older version's run
+
+
+def test_an_epochs_checkpoint_is_stored_before_its_metrics_are_handed_on(tmp_path):
+    cfg = compose("model.filter_in=4", "model.filter_out=4", "epochs=3", "device=cpu")
+    stored = LocalCheckpoints(tmp_path / "run.pt")
+    seen = []
+
+    def on_epoch(metrics):
+        seen.append((metrics.epoch, len(torch.load(stored.path, weights_only=False)["history"])))
+
+    torch.manual_seed(cfg.seed)
+    train(cfg, build_model(ModelSpec.from_config(cfg.model)), tiny_data(), CPU, on_epoch=on_epoch, checkpoints=stored)
+    assert seen == [(1, 1), (2, 2), (3, 3)]  # a kill in between leaves a checkpoint that holds the epoch
+
+
+def test_the_issues_lr_1e6_run_is_stopped_as_diverged():
+    cfg = compose("model.filter_in=4", "model.filter_out=4", "epochs=3", "device=cpu", "optim.lr=1000000",
+                  "divergence.warmup_images=0", "divergence.check_every=1")
+    torch.manual_seed(cfg.seed)
+    result = train(cfg, build_model(ModelSpec.from_config(cfg.model)), tiny_data(), CPU)
+    assert result.diverged and "above divergence.max_loss=100" in result.diverged, result.diverged  # finite (2.5e28), above chance
+    assert len(result.history) == 1
