@@ -61,8 +61,9 @@ class Checkpoints(Protocol):
         """Wait until the newest saved checkpoint is stored where a resuming job looks; False on timeout."""
         ...
 
-    def finish(self, keep: bool) -> None:
-        """The run finished: delete its checkpoint, or keep the final one as an artifact (`keep_checkpoint`)."""
+    def finish(self, keep: bool, timeout: float) -> None:
+        """The run finished: delete its checkpoint, or keep the final one as an artifact (`keep_checkpoint`;
+        its upload gets up to `timeout` seconds)."""
         ...
 
 
@@ -81,7 +82,7 @@ class LocalCheckpoints:
     def flush(self, timeout: float) -> bool:
         return True
 
-    def finish(self, keep: bool) -> None:
+    def finish(self, keep: bool, timeout: float) -> None:
         if keep and self.path.exists():
             mlflow.log_artifact(str(self.path))
         self.path.unlink(missing_ok=True)
@@ -211,13 +212,14 @@ class ArtifactCheckpoints:
                 self._changed.wait(min(left, 1.0))
         return True
 
-    def finish(self, keep: bool) -> None:
+    def finish(self, keep: bool, timeout: float) -> None:
         with self._changed:
             self._closing = True
             self._changed.notify_all()
         if keep:
-            self.flush(timeout=float("inf"))
-            self._uploaded = self._uploaded[-1:]  # the final one stays
+            if not self.flush(timeout):
+                log.warning("the final checkpoint was not uploaded within %g s; kept in %s", timeout, self.cache)
+                return
         else:
             with self._changed:
                 self._pending = None

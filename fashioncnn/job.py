@@ -164,7 +164,7 @@ def train_and_log(cfg: DictConfig) -> float | None:
         return None
 
     _stop(heartbeat, delivery, drain_seconds=0)
-    stored.finish(keep=cfg.keep_checkpoint)
+    stored.finish(keep=cfg.keep_checkpoint, timeout=cfg.tracking.outage_wait_seconds)
     mlflow.end_run("FINISHED")
     best = result.best
     log.info("%s: best epoch %d by %s: %s, test accuracy there %.4f (max %.4f), %.1fs training (run %s)%s",
