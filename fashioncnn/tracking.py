@@ -4,8 +4,10 @@ Default store: sqlite at ./mlruns/mlflow.db with artifacts in ./mlruns/artifacts
 plain file store without MLFLOW_ALLOW_FILE_STORE, and sqlite is what the MLflow UI and server read
 fastest. Each process talks to a store through one `Store` object (`store(uri)`), which looks each
 experiment up once. Only the launching process creates the store and its experiments, before any job
-starts (two processes creating a fresh sqlite store at the same moment crash); planning and
-`--dry-run` only read, and never create a store that does not exist yet.
+starts, and a new sqlite store is built aside and linked into place (`open_sqlite_store`: two processes
+creating one at the same moment break it); planning and `--dry-run` only read, and never create a
+store that does not exist yet. A job's metrics and tags go through `deliver_through`'s queue
+(delivery.py) so that a tracking-server outage does not stop training.
 
 Kept free of torch, so reports and the command line start quickly.
 """

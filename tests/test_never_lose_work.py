@@ -8,7 +8,6 @@ through config keys.
 """
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -153,7 +152,6 @@ def test_training_outlives_a_tracking_server_outage(tmp_path, server):
     time.sleep(20)  # far beyond MLflow's (shortened) retry budget; the first job trains on meanwhile
     server["process"], _ = start_server(["--backend", "sqlite", "--port", str(server["port"])], server["folder"])
     output = sweep.communicate(timeout=600)[0]
-    Path("/tmp/outage-test.log").write_text(output)
     assert sweep.returncode == 0, output[-5000:]
     assert "tracking store not answering" in output and "queued metrics delivered in order" in output
 
@@ -186,7 +184,7 @@ def test_a_job_fails_in_one_line_when_the_server_stays_away_and_keeps_its_checkp
 
 def test_a_fresh_sqlite_store_opened_by_two_processes_at_once(tmp_path):
     """The sweep's store (tracking.store) and a plain MLflow client race to create the same new database."""
-    for attempt in range(4):
+    for attempt in range(3):  # without the fix, 3 races in 4 broke a store here
         uri = f"sqlite:///{tmp_path / f'race{attempt}.db'}"
         start = time.time() + 4  # both past their imports, then at the same instant
         ours = (f"import time; from fashioncnn import tracking; time.sleep(max(0, {start} - time.time())); "
