@@ -41,7 +41,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as error:
         _fail(str(error))
     if dry_run:
+        from fashioncnn import estimate
+
         print(plan.describe())
+        print(estimate.describe(estimate.estimate(plan)))
         return
     try:
         sys.exit(sweep.run(plan))

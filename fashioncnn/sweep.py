@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from fashioncnn import links, preflight, tracking
 from fashioncnn import overrides as ov
 from fashioncnn.config import ConfigError, fingerprint_neutral, not_learned_keys, ranking_metric
-from fashioncnn.results import rank
+from fashioncnn.results import is_pruned, rank
 from fashioncnn.model import run_name
 from fashioncnn.train import precision_used, resolve_device
 from fashioncnn.tracking import mask_secrets
@@ -229,11 +229,14 @@ def run(plan: Plan) -> int:
     finally:
         _launch_list = None
     metric_name = plan_metric(plan)
-    rows = summarize(plan, parent.sweep_id, experiment_ids, metric_name)
+    saved: dict[str, float] = {}
+    rows = summarize(plan, parent.sweep_id, experiment_ids, metric_name, saved)
     failed = any(row["status"] in FAILED_STATUSES for row in rows)
-    parent.close(rows, metric_name, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
+    parent.close(rows, metric_name, "KILLED" if interrupted else "FAILED" if failed else "FINISHED", saved)
     print(f"\nsweep {parent.sweep_id} (parent run {parent.run_id}):", flush=True)
     print(summary_text(rows), flush=True)
+    if saved:
+        print(pruning_line(rows, saved), flush=True)
     local = not first.tracking_uri.startswith(("http://", "https://"))
     print(f"in MLflow: {parent.url}" + ("  (start the UI with: make ui)" if local else ""), flush=True)
     if interrupted:
@@ -283,14 +286,16 @@ class ParentRun:
     def url(self) -> str:
         return links.run_url(self.base, self.experiment_id, self.run_id)
 
-    def close(self, rows: list[dict[str, str]], metric_name: str, status: str) -> None:
+    def close(self, rows: list[dict[str, str]], metric_name: str, status: str, saved: Mapping[str, float] | None = None) -> None:
         """The sweep's front page: the leaderboard as its description, its best figures, the summary files."""
         client = self.store.client
         client.log_text(self.run_id, summary_markdown(rows), "summary.md")
         client.log_text(self.run_id, summary_csv(rows), "summary.csv")
         client.set_tag(self.run_id, "mlflow.note.content", leaderboard(rows, metric_name, self.base, self.experiment_id))
-        counts = {status_: sum(row["status"] == status_ for row in rows) for status_ in ("FINISHED", "FAILED", "DIVERGED", "SKIPPED")}
+        counts = {status_: sum(row["status"] == status_ for row in rows) for status_ in ("FINISHED", "FAILED", "DIVERGED", "SKIPPED", "PRUNED")}
         metrics = {f"jobs_{name.lower()}": float(n) for name, n in counts.items()}
+        if saved:
+            metrics["prune_saved_seconds"] = sum(saved.values())
         ranked = ranked_rows(rows, metric_name)
         if ranked:
             best = ranked[0]
@@ -357,8 +362,11 @@ def leaderboard(rows: list[dict[str, str]], metric_name: str, base: str, experim
     return "\n".join(lines) + "\n"
 
 
-def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str], str], metric_name: str) -> list[dict[str, str]]:
-    """One row per job, read back from the store (one search per experiment): what happened, whoever ran it."""
+def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str], str], metric_name: str,
+              saved: dict[str, float] | None = None) -> list[dict[str, str]]:
+    """One row per job, read back from the store (one search per experiment): what happened, whoever ran it.
+
+    `saved`, when given, gets the training seconds each pruned run did not spend, by run id."""
     ran: dict[tuple[str, str], dict[str, Run]] = {}
     rows = []
     for job in plan.jobs:
@@ -375,6 +383,10 @@ def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str]
             status = "NOT RUN" if run is None else run.info.status
             if run is not None and run.data.tags.get(tracking.DIVERGED_TAG) == "true":
                 status = "DIVERGED"
+        if run is not None and is_pruned(run):  # skipped on a re-run too, but never ranked
+            status = "PRUNED"
+            if saved is not None:
+                saved[run.info.run_id] = pruned_saving(run, job.cfg.epochs)
         metrics = run.data.metrics if run is not None else {}
         row = {"job": str(job.index), "model": job.model_name, "overrides": job.command, "status": status}
         for name in dict.fromkeys((metric_name, "test_acc_at_best", "max_test_acc")):
@@ -383,6 +395,21 @@ def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str]
         row["run_id"] = run.info.run_id if run is not None else ""
         rows.append(row)
     return rows
+
+
+def pruned_saving(run: Run, epochs: int) -> float:
+    """A pruned run's remaining epochs at its own measured seconds per epoch."""
+    from fashioncnn.prune import PRUNED_EPOCH_TAG, saved_seconds
+
+    stopped = run.data.tags.get(PRUNED_EPOCH_TAG, "")
+    seconds = run.data.metrics.get("train_seconds")
+    return saved_seconds(epochs, int(stopped), seconds) if stopped.isdigit() and seconds is not None else 0.0
+
+
+def pruning_line(rows: list[dict[str, str]], saved: Mapping[str, float]) -> str:
+    trained = sum(float(row["seconds"]) for row in rows if row["seconds"] and row["status"] != "SKIPPED")
+    return (f"pruning: {len(saved)} of {len(rows)} runs stopped early; {trained:.0f} s of training in all, about "
+            f"{sum(saved.values()):.0f} s saved (each pruned run's remaining epochs at its own seconds per epoch)")
 
 
 def _columns(rows: list[dict[str, str]]) -> list[str]:
