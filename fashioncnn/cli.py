@@ -42,9 +42,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(str(error))
     if dry_run:
         from fashioncnn import estimate
+        from fashioncnn.tracking import mask_secrets
 
         print(plan.describe())
-        print(estimate.describe(estimate.estimate(plan)))
+        notes: list[str] = []
+        try:
+            print(estimate.describe(estimate.estimate(plan, notes=notes), notes))
+        except Exception as error:  # the plan stands without its estimate
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"estimated training time: not available ({mask_secrets(reason)})")
         return
     try:
         sys.exit(sweep.run(plan))

@@ -187,14 +187,17 @@ def _epochs_left(job: PlannedJob) -> int:
     return max(0, job.cfg.epochs - len({m.step for m in history}))
 
 
-def estimate(plan: Plan, measure: Callable[[DictConfig, str], float] = measure_reference) -> list[JobEstimate]:
-    """An estimate for each job the plan trains or resumes."""
+def estimate(plan: Plan, measure: Callable[[DictConfig, str], float] = measure_reference,
+             notes: list[str] | None = None) -> list[JobEstimate]:
+    """An estimate for each job the plan trains or resumes; `notes` gets what the user should know about them."""
+    notes = [] if notes is None else notes
     to_run = plan.to_run
     by_store: dict[str, set[str]] = {}
     for job in to_run:
         by_store.setdefault(job.tracking_uri, set()).add(job.model_name)
     known = {uri: _finished_runs_by_model(uri, names) for uri, names in by_store.items()}
-    estimates, machine = [], None
+    estimates: list[JobEstimate] = []
+    machine = None
     for job in to_run:
         found = from_runs(job.cfg, known[job.tracking_uri].get(job.model_name, []))
         if found is None:
@@ -203,8 +206,13 @@ def estimate(plan: Plan, measure: Callable[[DictConfig, str], float] = measure_r
             intercept, slope, where = machine
             flops = training_flops(ModelSpec.from_config(job.cfg.model))
             found = ((intercept + slope * flops) * epoch_images(job.cfg.subset, job.cfg.val_size),
-                     f"FLOP model of this machine ({flops / 1e6:.1f} MFLOP per training image; {where})")
+                     f"FLOP model of this machine, {flops / 1e6:.1f} MFLOP per training image")
         estimates.append(JobEstimate(job, _epochs_left(job), *found))
+    if machine is not None:
+        intercept, slope, where = machine
+        notes.append(f"FLOP model of this machine: seconds per training image = {intercept:.3g} + {slope:.3g} x FLOPs "
+                     f"(from {' and '.join(REFERENCE_MODELS)}; {where}); rough for models unlike those two, "
+                     "until runs of the model are in the store")
     return estimates
 
 
@@ -216,11 +224,11 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def describe(estimates: list[JobEstimate]) -> str:
+def describe(estimates: list[JobEstimate], notes: Sequence[str] = ()) -> str:
     if not estimates:
         return "estimated training time: nothing to train"
-    lines = [f"#{e.job.index} {e.job.model_name:<12} {e.epochs} epochs x {e.seconds_per_epoch:.1f} s = {duration(e.seconds)}"
-             f"  ({e.source})" for e in estimates]
+    lines = [*notes, *(f"#{e.job.index} {e.job.model_name:<12} {e.epochs} epochs x {e.seconds_per_epoch:.1f} s = {duration(e.seconds)}"
+             f"  ({e.source})" for e in estimates)]
     total = sum(e.seconds for e in estimates)
     lines.append(f"estimated training time: {duration(total)} for {len(estimates)} jobs, one after another "
                  "(a parallel launcher shortens the wall time, not the work; pruning stops some runs early)")
