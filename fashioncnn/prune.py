@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import os
 import statistics
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Protocol
 
-from mlflow.entities import RunTag
+from mlflow.entities import Run, RunTag
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from fashioncnn import tracking
@@ -114,7 +116,7 @@ class Siblings:
     def histories_at(self, epoch: int) -> list[dict[int, float]]:
         """The histories of the siblings that reached `epoch` (one per configuration: its newest run)."""
         found = self.store.search(self.experiment_id, f"tags.{tracking.SWEEP_TAG} = '{self.sweep_id}'")
-        newest: dict[str, object] = {}
+        newest: dict[str, Run] = {}
         for run in found:  # newest first
             tags = run.data.tags
             if tags.get(tracking.ROLE_TAG) == "parent" or run.info.run_id == self.run_id:
@@ -125,8 +127,8 @@ class Siblings:
             newest.setdefault(tags.get(tracking.FINGERPRINT_TAG, run.info.run_id), run)
         reached = []
         for run in newest.values():
-            run_id, status = run.info.run_id, run.info.status  # type: ignore[attr-defined]
-            if self.metric not in run.data.metrics:  # type: ignore[attr-defined]
+            run_id, status = run.info.run_id, run.info.status
+            if self.metric not in run.data.metrics:
                 continue  # no epoch finished yet
             cached = self._histories.get(run_id)
             if cached is None or (run_id not in self._ended and epoch not in cached):
@@ -138,23 +140,27 @@ class Siblings:
         return reached
 
 
-class _SiblingPruner:
+class _SiblingPruner(ABC):
+    """What both rules share: the run's own best so far, the siblings at the same epoch, the tags."""
+
     rule = ""
 
-    def __init__(self, run_id: str, epochs: int, metric: str, siblings: Siblings, client: object | None = None) -> None:
+    def __init__(self, run_id: str, epochs: int, metric: str, siblings: Siblings,
+                 client: MlflowClient | None = None) -> None:
         self.run_id, self.epochs, self.metric, self.siblings = run_id, epochs, metric, siblings
         self.client = client  # where the detail tags go (an MlflowClient); None: nowhere (unit tests)
         self.lower = lower_is_better(metric)
         self.own: dict[int, float] = {}
 
-    def _decides_at(self, epoch: int) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def _decides_at(self, epoch: int) -> bool: ...
 
+    @abstractmethod
     def _verdict(self, own: float, siblings: list[float]) -> float | None:
-        raise NotImplementedError
+        """The threshold the run falls short of (stop), or None (go on)."""
 
-    def _where(self, epoch: int) -> str:
-        return f"epoch {epoch}"
+    @abstractmethod
+    def _reason(self, epoch: int, own: float, threshold: float, count: int) -> str: ...
 
     def after_epoch(self, metrics: EpochMetrics) -> str | None:
         epoch = metrics.epoch
@@ -167,28 +173,27 @@ class _SiblingPruner:
         if epoch >= self.epochs or not self._decides_at(epoch):
             return None
         own = best_so_far(self.own, epoch, self.lower)
+        assert own is not None  # this epoch was just recorded
         others = [best_so_far(h, epoch, self.lower) for h in self.siblings.histories_at(epoch)]
         others_at = [v for v in others if v is not None]
-        threshold = self._verdict(own, others_at)  # type: ignore[arg-type]
+        threshold = self._verdict(own, others_at)
         if threshold is None:
             return None
-        reason = self._reason(epoch, own, threshold, len(others_at))  # type: ignore[arg-type]
+        reason = self._reason(epoch, own, threshold, len(others_at))
         if self.client is not None:
             details = {PRUNED_EPOCH_TAG: str(epoch), "pruned_rule": self.rule, "pruned_metric": self.metric,
                        "pruned_value": f"{own:.6g}", "pruned_threshold": f"{threshold:.6g}",
                        "pruned_siblings": str(len(others_at))}
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in details.items()])  # type: ignore[attr-defined]
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in details.items()])
         return reason
-
-    def _reason(self, epoch: int, own: float, threshold: float, count: int) -> str:
-        raise NotImplementedError
 
 
 class MedianPruner(_SiblingPruner):
     rule = "median"
 
-    def __init__(self, *args: object, warmup_epochs: int = 0, min_siblings: int = 3, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, run_id: str, epochs: int, metric: str, siblings: Siblings, client: MlflowClient | None = None,
+                 warmup_epochs: int = 0, min_siblings: int = 3) -> None:
+        super().__init__(run_id, epochs, metric, siblings, client)
         self.warmup_epochs, self.min_siblings = warmup_epochs, min_siblings
 
     def _decides_at(self, epoch: int) -> bool:
@@ -205,9 +210,9 @@ class MedianPruner(_SiblingPruner):
 class AshaPruner(_SiblingPruner):
     rule = "asha"
 
-    def __init__(self, *args: object, reduction_factor: int = 3, min_epoch: int = 1, min_siblings: int = 2,
-                 **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, run_id: str, epochs: int, metric: str, siblings: Siblings, client: MlflowClient | None = None,
+                 reduction_factor: int = 3, min_epoch: int = 1, min_siblings: int = 2) -> None:
+        super().__init__(run_id, epochs, metric, siblings, client)
         self.reduction_factor, self.min_siblings = reduction_factor, min_siblings
         self.rungs = asha_rungs(self.epochs, min_epoch, reduction_factor)
 

@@ -407,7 +407,7 @@ def pruned_saving(run: Run, epochs: int) -> float:
 
 
 def pruning_line(rows: list[dict[str, str]], saved: Mapping[str, float]) -> str:
-    trained = sum(float(row["seconds"]) for row in rows if row["seconds"] and row["status"] != "SKIPPED")
+    trained = sum(float(row["seconds"]) for row in rows if row["seconds"])  # this sweep's runs, skipped ones included
     return (f"pruning: {len(saved)} of {len(rows)} runs stopped early; {trained:.0f} s of training in all, about "
             f"{sum(saved.values()):.0f} s saved (each pruned run's remaining epochs at its own seconds per epoch)")
 
