@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from fashioncnn import links, preflight, tracking
 from fashioncnn import overrides as ov
 from fashioncnn.config import ConfigError, fingerprint_neutral, not_learned_keys, ranking_metric
+from fashioncnn.prune import PRUNED_EPOCH_TAG, saved_seconds
 from fashioncnn.results import is_pruned, rank
 from fashioncnn.model import run_name
 from fashioncnn.train import precision_used, resolve_device
@@ -399,8 +400,6 @@ def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str]
 
 def pruned_saving(run: Run, epochs: int) -> float:
     """A pruned run's remaining epochs at its own measured seconds per epoch."""
-    from fashioncnn.prune import PRUNED_EPOCH_TAG, saved_seconds
-
     stopped = run.data.tags.get(PRUNED_EPOCH_TAG, "")
     seconds = run.data.metrics.get("train_seconds")
     return saved_seconds(epochs, int(stopped), seconds) if stopped.isdigit() and seconds is not None else 0.0
