@@ -156,12 +156,14 @@ def machine_model(cfg: DictConfig, measure: Callable[[DictConfig, str], float] =
         if slope <= 0 or intercept < 0:  # noise on a busy machine: proportional to FLOPs through the larger one
             slope, intercept = s2 / f2, 0.0
         cached[key] = {"intercept": intercept, "slope": slope, "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                       "references": dict(zip(REFERENCE_MODELS, (s1, s2)))}
+                       "load_average": round(os.getloadavg()[0], 1), "references": dict(zip(REFERENCE_MODELS, (s1, s2)))}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cached, indent=1))
         where = f"measured now on this machine, cached in {path}"
     else:
         where = f"measured {cached[key]['measured']}, cached in {path}"
+    if "load_average" in cached[key]:  # other processes slow the measurement down, and the cache keeps it
+        where += f"; load average {cached[key]['load_average']:g} then on {os.cpu_count()} cores (delete the file to measure again)"
     return cached[key]["intercept"], cached[key]["slope"], where
 
 
