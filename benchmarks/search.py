@@ -87,7 +87,7 @@ def store_figures(cwd: Path, experiment: str) -> dict[str, Any]:
     if ranked:
         best = ranked[0]
         figures["best"] = {"model": best.data.tags.get("model_name"), "overrides": best.data.tags.get("hydra.overrides"),
-                           "run_id": best.info.run_id, metric: round(best.data.metrics[metric], 4),
+                           "run_id": best.info.run_id, "fingerprint": best.data.tags.get("fingerprint"), metric: round(best.data.metrics[metric], 4),
                            "test_acc_at_best": round(best.data.metrics.get("test_acc_at_best", float("nan")), 4)}
     return figures
 
@@ -105,7 +105,8 @@ def grid(workdir: Path, subset: int | None, epochs: int | None) -> dict[str, Any
         if full.get("best") and pruned.get("best") and full.get("train_seconds"):
             metric = full["ranking_metric"]
             pruned["against_none"] = {
-                "same_best_model": pruned["best"]["overrides"] == full["best"]["overrides"],
+                # the same config (pruning is not in the fingerprint)
+                "same_best_model": pruned["best"]["fingerprint"] == full["best"]["fingerprint"],
                 "best_difference_points": round(100 * (pruned["best"][metric] - full["best"][metric]), 2),
                 "train_time_fraction": round(pruned["train_seconds"] / full["train_seconds"], 3),
                 "wall_time_fraction": round(pruned["wall_seconds"] / full["wall_seconds"], 3),
