@@ -13,6 +13,7 @@ from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
 
 from fashioncnn import estimate
 from fashioncnn.config import ConfigError, register_schema
+from fashioncnn.data import DEBIAN_DIR
 from fashioncnn.model import ModelSpec
 from fashioncnn.preflight import jobs_of
 from fashioncnn.prune import (AshaPruner, MedianPruner, NeverPrune, asha_rungs, asha_verdict, best_so_far, make_pruner,
@@ -214,6 +215,7 @@ def test_machine_model_is_measured_once_and_cached(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------- real sweeps
 
+needs_data = pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")
 SMALL = ["subset=500", "val_size=500", "epochs=3", "speed.threads=1", "log_model=false", "system_metrics=false"]
 # Two learnable jobs, then two built to be hopeless: after one epoch on 500 images they are at chance.
 GRID = ["-m", "optim.lr=0.003,0.002,0.0000001,0.0000002", *SMALL]
@@ -224,6 +226,7 @@ def _by_lr(client, experiment):
 
 
 @pytest.mark.slow
+@needs_data
 def test_median_prunes_the_hopeless_jobs_and_a_rerun_trains_nothing(tmp_path):
     result = run_cli([*GRID, "prune=median", "prune.min_siblings=2", "experiment=median"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -262,6 +265,7 @@ def test_median_prunes_the_hopeless_jobs_and_a_rerun_trains_nothing(tmp_path):
 
 
 @pytest.mark.slow
+@needs_data
 def test_asha_prunes_the_hopeless_jobs_the_same_way_twice(tmp_path):
     decisions = []
     for experiment in ("asha-1", "asha-2"):
@@ -276,6 +280,7 @@ def test_asha_prunes_the_hopeless_jobs_the_same_way_twice(tmp_path):
 
 
 @pytest.mark.slow
+@needs_data
 def test_dry_run_estimates_from_a_measured_machine_model(tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     first = run_cli(["-m", "conv=2,3", "epochs=2", "--dry-run"], cwd=tmp_path, env=env)
