@@ -11,11 +11,12 @@ import json
 import pytest
 from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
 
-from fashioncnn import estimate
+from fashioncnn import estimate, report
 from fashioncnn.config import ConfigError, register_schema
 from fashioncnn.data import DEBIAN_DIR
 from fashioncnn.model import ModelSpec
 from fashioncnn.preflight import jobs_of
+from fashioncnn.results import selectable
 from fashioncnn.prune import (AshaPruner, MedianPruner, NeverPrune, asha_rungs, asha_verdict, best_so_far, make_pruner,
                               median_verdict, saved_seconds)
 from fashioncnn.sweep import fingerprint
@@ -248,6 +249,12 @@ def test_median_prunes_the_hopeless_jobs_and_a_rerun_trains_nothing(tmp_path):
     parent = next(r for r in runs_of(client, "median") if r.data.tags.get("fashioncnn.role") == "parent")
     assert parent.data.metrics["jobs_pruned"] == 2 and parent.data.metrics["prune_saved_seconds"] > 0
     assert "| PRUNED |" in parent.data.tags["mlflow.note.content"]
+    # Retrain and the registry never pick a pruned run; the report shows it as PRUNED, never as the best.
+    picked = selectable(list(runs.values()), "median")
+    assert {float(r.data.params["optim.lr"]) for r in picked} == {0.003, 0.002}
+    built = report.build(["median"], tmp_path / "report", uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", attach=False)
+    table = [line for line in built.markdown.splitlines() if "| PRUNED |" in line]
+    assert len(table) == 2 and not any("(best)" in line for line in table)
 
     again = run_cli([*GRID, "prune=median", "prune.min_siblings=2", "experiment=median"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
