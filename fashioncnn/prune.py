@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from omegaconf import DictConfig
 
+from fashioncnn import trial_pruner
+
 if TYPE_CHECKING:
     from fashioncnn.train import EpochMetrics
 
@@ -27,4 +29,6 @@ class NeverPrune:
 
 def make_pruner(cfg: DictConfig, run_id: str) -> Pruner:
     """The pruner that `cfg` asks for, for the run `run_id`."""
+    if (trial := trial_pruner.from_environment(cfg, run_id)) is not None:  # an Optuna trial: its study's pruner
+        return trial
     return NeverPrune()
