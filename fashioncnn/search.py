@@ -1,7 +1,8 @@
 """Sampled search with Optuna (`hydra/sweeper=optuna`): the search space, the study, its storage, its trials' runs.
 
 The command line's sweeps become Optuna distributions (`take_space`): on any key `interval(a,b)` is a
-float range (an int range when both ends are integers), `tag(log, interval(a,b))` the same on a log
+float range (`int(interval(a,b))` an int range: Hydra reads interval's ends as floats unless cast),
+`tag(log, interval(a,b))` the same on a log
 scale, `choice(...)` and `a,b` a categorical, `range(a,b[,step])` an int (or stepped float) range. On a
 config group the values are option names: `choice`, `range`, `glob` and `a,b` as for a grid, and
 `interval(a,b)` means the options whose number lies within [a, b] (`lr=interval(0.001,0.01)` is the
@@ -404,6 +405,9 @@ def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequen
     if not ov.split_flags(args)[1]:
         raise ConfigError(f"{SWEEPER_OVERRIDE}: a search runs many trials; add -m: python -m fashioncnn -m {' '.join(typed)}")
     sweeper_node = _sweeper_config(args)
+    if sweeper_node.get("params"):  # a preset's grid; Hydra would hand it to the sweeper, which has no such key
+        raise ConfigError(f"{SWEEPER_OVERRIDE}: the preset's hydra.sweeper.params ({', '.join(sweeper_node['params'])}) is a grid; "
+                          "give a search space on the command line instead, e.g. conv=1,2,3 'optim.lr=interval(1e-4,1e-2)'")
     settings = Settings.from_config(sweeper_node)
     if settings.sampler == "grid":
         grid_space(space)
@@ -440,7 +444,7 @@ def _sweeper_config(args: Sequence[str]) -> Mapping[str, Any]:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
-    hydra_args = _hydra_overrides(args)
+    hydra_args = ov.split_flags(args)[0]  # all of them: a preset (+study=...) can set hydra.sweeper.* too
     register_schema()
     with initialize_config_module(config_module=preflight.CONFIG_MODULE, version_base="1.3"):
         try:
@@ -582,14 +586,17 @@ def counted_states() -> tuple:
     return (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def _sampler(settings: Settings, space: Sequence[Param]) -> optuna.samplers.BaseSampler:
+def _sampler(settings: Settings, space: Sequence[Param], trials_so_far: int) -> optuna.samplers.BaseSampler:
+    """The sampler, its seed moved on by the study's trials: a resumed study seeded afresh with the same
+    seed would draw its first random points again (duplicates, told from the store but never new)."""
     import optuna
 
+    seed = None if settings.seed is None else settings.seed + trials_so_far
     if settings.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=settings.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if settings.sampler == "grid":
-        return optuna.samplers.GridSampler(grid_space(space), seed=settings.seed)
-    return optuna.samplers.TPESampler(seed=settings.seed)
+        return optuna.samplers.GridSampler(grid_space(space), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _recover_interrupted(study: optuna.Study) -> int:
@@ -643,7 +650,7 @@ def run(search_plan: SearchPlan) -> int:
     try:
         study = optuna.create_study(
             study_name=search_plan.study_name, storage=open_storage(search_plan.storage), direction=search_plan.direction,
-            sampler=_sampler(search_plan.settings, search_plan.space), pruner=make_optuna_pruner(search_plan.settings.pruner_spec()),
+            sampler=_sampler(search_plan.settings, search_plan.space, sum(search_plan.counts.values())), pruner=make_optuna_pruner(search_plan.settings.pruner_spec()),
             load_if_exists=True)
     except Exception as error:
         raise ConfigError(f"Optuna storage {mask_secrets(search_plan.storage)} cannot be used: {str(error).splitlines()[0]}") from error
