@@ -28,14 +28,17 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import optuna
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, ValueType
 from hydra.errors import HydraException
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
 
 from fashioncnn import overrides as ov
 from fashioncnn import preflight, sources, sweep, tracking
@@ -43,10 +46,6 @@ from fashioncnn.config import ConfigError, register_schema
 from fashioncnn.model import run_name
 from fashioncnn.results import lower_is_better
 from fashioncnn.tracking import mask_secrets
-
-if TYPE_CHECKING:
-    import optuna
-    from optuna.distributions import BaseDistribution
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +89,6 @@ class Param:
         return f"{self.key}={_value_text(value)}"
 
     def describe(self) -> str:
-        from optuna.distributions import CategoricalDistribution, FloatDistribution
-
         d = self.distribution
         if isinstance(d, CategoricalDistribution):
             what = ("options " if self.group else "one of ") + ", ".join(str(c) for c in d.choices)
@@ -147,8 +144,6 @@ def _interval(arg: str, interval: IntervalSweep) -> tuple[float, float, bool]:
 
 
 def _param(arg: str, override: Override, options: Mapping[str, Sequence[str]], team_dirs: Sequence[Path]) -> Param:
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
     key, value = override.get_key_element(), override._value
     name = override.key_or_group
     if name in NOT_SEARCHABLE:
@@ -273,8 +268,6 @@ class Settings:
 
 
 def make_optuna_pruner(spec: str) -> optuna.pruners.BasePruner:
-    import optuna
-
     kind, min_epochs, startup_trials, reduction_factor = spec.split(":")
     if kind == "median":
         # Optuna's MedianPruner judges a step from n_warmup_steps on: epochs before min_epochs are never judged.
@@ -300,8 +293,6 @@ def storage_url(requested: str | None, tracking_uri: str) -> str:
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    import optuna
-
     # Jobs report each epoch to the same sqlite file the sweeper reads: wait for its lock rather than fail.
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
@@ -364,8 +355,6 @@ class SearchPlan:
 
 def grid_space(space: Sequence[Param]) -> dict[str, list[Any]]:
     """Every value of each parameter, for sampler=grid (ConfigError for a continuous interval)."""
-    from optuna.distributions import CategoricalDistribution
-
     grid = {}
     for p in space:
         d = p.distribution
@@ -400,8 +389,6 @@ def _job_overrides(args: Sequence[str]) -> list[str]:
 
 def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequence[str]], space: list[Param]) -> SearchPlan:
     """Check the search (settings, every value of the space composed), name its study, count its trials; writes nothing."""
-    from optuna.distributions import CategoricalDistribution
-
     if not ov.split_flags(args)[1]:
         raise ConfigError(f"{SWEEPER_OVERRIDE}: a search runs many trials; add -m: python -m fashioncnn -m {' '.join(typed)}")
     sweeper_node = _sweeper_config(args)
@@ -428,11 +415,11 @@ def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequen
     preflight.check_machine([cfg for _, cfg in jobs], runs_here=not any(
         arg.startswith("hydra/launcher=") and "slurm" in arg for arg in args))
     uri = tracking.resolve_tracking_uri(base)
+    storage = storage_url(settings.storage, uri)
     try:
         tracking.store(uri).check_reachable()
     except OSError as error:
         raise sweep._store_error(uri, base.experiment, error) from error
-    storage = storage_url(settings.storage, uri)
     name = _study_name(space, fixed, settings, base.experiment)
     search = SearchPlan(list(args), list(typed), space, fixed, settings, base, uri, storage, name, sweep.plan_metric_of(base))
     search.counts = _existing_counts(storage, name)
@@ -460,8 +447,6 @@ def _existing_counts(storage: str, name: str) -> dict[str, int]:
     """The study's trials by state, read without creating anything (a dry run stays a dry run)."""
     if not storage_exists(storage):
         return {}
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name=name, storage=open_storage(storage))
@@ -526,8 +511,6 @@ class Search:
 
     def tell(self, trial: optuna.Trial, run: Run | None, told_from_store: bool = False) -> str:
         """Tell Optuna what the trial's run came to; returns the status as the summary shows it."""
-        from optuna.trial import TrialState
-
         if run is None:
             self.study.tell(trial, state=TrialState.FAIL)
             return "NOT RUN"
@@ -581,29 +564,33 @@ def active() -> Search:
 
 def counted_states() -> tuple:
     """COMPLETE and PRUNED trials count towards n_trials; failed ones do not (a re-run makes up for them)."""
-    from optuna.trial import TrialState
-
     return (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def _sampler(settings: Settings, space: Sequence[Param], trials_so_far: int) -> optuna.samplers.BaseSampler:
     """The sampler, its seed moved on by the study's trials: a resumed study seeded afresh with the same
     seed would draw its first random points again (duplicates, told from the store but never new)."""
-    import optuna
-
     seed = None if settings.seed is None else settings.seed + trials_so_far
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if settings.sampler == "grid":
-        return optuna.samplers.GridSampler(grid_space(space), seed=seed)
+        return AskTellGridSampler(grid_space(space), seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler without its study.stop() once the grid is covered: stop() works only inside
+    study.optimize, and under ask/tell it raises before the last trial's state is saved. The sweeper
+    stops by itself at the grid's size (SearchPlan.target)."""
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        return None
 
 
 def _recover_interrupted(study: optuna.Study) -> int:
     """Trials left RUNNING by a sweeper process that is gone (kill -9, a lost machine): failed, and their
     parameters queued again, so their runs resume from their checkpoints. Returns how many."""
-    from optuna.trial import TrialState
-
     host = socket.gethostname()
     recovered = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -636,8 +623,6 @@ def mark_owner(trial: optuna.Trial) -> None:
 def run(search_plan: SearchPlan) -> int:
     """Run the search to n_trials; returns the exit code as sweep.run does."""
     global _active
-    import optuna
-
     from fashioncnn.job import handle_sigterm
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -207,6 +207,25 @@ def test_kill_9_mid_search_then_rerun_resumes_the_study_without_repeating_finish
 
 
 @pytest.mark.slow
+@needs_data
+def test_trials_whose_config_already_finished_in_a_grid_are_told_from_the_store(tmp_path):
+    fixed = ["epochs=1", *SMALL, "experiment=told"]
+    grid = run_cli(["-m", "optim.lr=0.003,0.001", *fixed], cwd=tmp_path)
+    assert grid.returncode == 0, grid.stderr[-3000:]
+    client = local_store(tmp_path)
+    trained = {r.data.params["optim.lr"]: r for r in parent_and_jobs(client, "told")[1]}
+    result = run_cli(["-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid", "optim.lr=choice(0.003,0.001)", *fixed], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 jobs: 2 skipped" in result.stdout and "Traceback" not in result.stderr
+    assert len(parent_and_jobs(client, "told")[1]) == 2  # nothing trained again
+    study = study_of(tmp_path, "told")
+    for trial in study.trials:
+        run = trained[str(trial.params["optim.lr"])]
+        assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(run.data.metrics["best_val_acc"])
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id and trial.user_attrs["told_from_store"]
+
+
+@pytest.mark.slow
 def test_preflight_refuses_bad_intervals_with_one_line_and_creates_nothing(tmp_path):
     cases = {
         ("-m", "hydra/sweeper=optuna", "optim.lr=interval(0.1,0.01)"):
