@@ -46,15 +46,11 @@ from fashioncnn.config import ConfigError, register_schema
 from fashioncnn.model import run_name
 from fashioncnn.results import lower_is_better
 from fashioncnn.tracking import mask_secrets
+from fashioncnn.trial_pruner import PRUNER_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV, make_optuna_pruner, open_storage
 
 log = logging.getLogger(__name__)
 
 SWEEPER_OVERRIDE = "hydra/sweeper=optuna"
-# The trial a job belongs to, handed to it through hydra.job.env_set (read by fashioncnn/trial_pruner.py).
-STUDY_ENV = "FASHIONCNN_OPTUNA_STUDY"
-STORAGE_ENV = "FASHIONCNN_OPTUNA_STORAGE"
-TRIAL_ENV = "FASHIONCNN_OPTUNA_TRIAL_ID"
-PRUNER_ENV = "FASHIONCNN_OPTUNA_PRUNER"
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = {"none": "none", "median": "median", "asha": "asha", "successive_halving": "asha", "sha": "asha"}
 # A study ranks trials by one metric in one experiment of one store: these cannot vary between trials.
@@ -267,16 +263,6 @@ class Settings:
         return "none"
 
 
-def make_optuna_pruner(spec: str) -> optuna.pruners.BasePruner:
-    kind, min_epochs, startup_trials, reduction_factor = spec.split(":")
-    if kind == "median":
-        # Optuna's MedianPruner judges a step from n_warmup_steps on: epochs before min_epochs are never judged.
-        return optuna.pruners.MedianPruner(n_startup_trials=int(startup_trials), n_warmup_steps=int(min_epochs))
-    if kind == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=int(min_epochs), reduction_factor=int(reduction_factor))
-    return optuna.pruners.NopPruner()
-
-
 def storage_url(requested: str | None, tracking_uri: str) -> str:
     """The study's RDB storage: hydra.sweeper.storage, else optuna.db in the folder of a local sqlite tracking store."""
     if requested:
@@ -290,12 +276,6 @@ def storage_url(requested: str | None, tracking_uri: str) -> str:
     what = "a tracking server" if tracking_uri.startswith(("http://", "https://")) else "a database tracking store"
     raise ConfigError(f"tracking store {mask_secrets(tracking_uri)}: {what} needs hydra.sweeper.storage for the Optuna study, "
                       "a database every worker reaches, e.g. hydra.sweeper.storage=postgresql://user:pass@dbhost/optuna")
-
-
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    # Jobs report each epoch to the same sqlite file the sweeper reads: wait for its lock rather than fail.
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
 def storage_exists(url: str) -> bool:
@@ -635,8 +615,8 @@ def run(search_plan: SearchPlan) -> int:
     try:
         study = optuna.create_study(
             study_name=search_plan.study_name, storage=open_storage(search_plan.storage), direction=search_plan.direction,
-            sampler=_sampler(search_plan.settings, search_plan.space, sum(search_plan.counts.values())), pruner=make_optuna_pruner(search_plan.settings.pruner_spec()),
-            load_if_exists=True)
+            sampler=_sampler(search_plan.settings, search_plan.space, sum(search_plan.counts.values())),
+            pruner=make_optuna_pruner(search_plan.settings.pruner_spec()), load_if_exists=True)
     except Exception as error:
         raise ConfigError(f"Optuna storage {mask_secrets(search_plan.storage)} cannot be used: {str(error).splitlines()[0]}") from error
     study.set_user_attr("command", mask_secrets(" ".join(search_plan.typed)))
