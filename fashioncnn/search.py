@@ -450,6 +450,10 @@ class Search:
         self.plan, self.study, self.parent, self.experiment_id = plan, study, parent, experiment_id
         self.jobs: dict[int, sweep.PlannedJob] = {}  # trial number -> its job, this command's trials
         self.rejected: list[str] = []  # trials whose sampled config could not be composed, one line each
+        # Trials this command may ask for: those missing when it started. A failed trial does not count
+        # towards n_trials, but is not made up within the same command (a config that always fails
+        # would loop); the next run of the command makes up for it.
+        self.budget = max(self.remaining(), 0)
 
     @property
     def store(self) -> tracking.Store:
@@ -458,6 +462,10 @@ class Search:
     def remaining(self) -> int:
         counted = len(self.study.get_trials(deepcopy=False, states=counted_states()))
         return self.plan.target() - counted
+
+    def to_ask(self) -> int:
+        """How many trials the next batch asks for: n_jobs, or fewer near the end."""
+        return max(min(self.plan.settings.n_jobs, self.remaining(), self.budget), 0)
 
     def overrides(self, params: Mapping[str, Any]) -> list[str]:
         return list(self.plan.fixed) + [p.override(params[p.name]) for p in self.plan.space]

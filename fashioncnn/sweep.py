@@ -429,7 +429,8 @@ def summary_markdown(rows: list[dict[str, str]]) -> str:
 
 def summary_csv(rows: list[dict[str, str]]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=_columns(rows))
+    # _columns drops test_acc_at_best when no row has it (every job failed): its empty cells go too.
+    writer = csv.DictWriter(out, fieldnames=_columns(rows), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()

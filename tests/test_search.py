@@ -226,6 +226,22 @@ def test_trials_whose_config_already_finished_in_a_grid_are_told_from_the_store(
 
 
 @pytest.mark.slow
+@needs_data
+def test_a_failing_trial_is_told_as_failed_and_the_search_goes_on(tmp_path):
+    args = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid", "debug.fail_at_epoch=choice(1,null)", "epochs=1", *SMALL,
+            "experiment=failing"]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]  # as a grid with a failed job
+    assert "2 jobs: 1 failed, 1 finished" in result.stdout
+    states = {t.params["debug.fail_at_epoch"]: t.state for t in study_of(tmp_path, "failing").trials}
+    assert states == {1: TrialState.FAIL, None: TrialState.COMPLETE}
+    failed = next(r for r in parent_and_jobs(local_store(tmp_path), "failing")[1] if r.info.status == "FAILED")
+    assert failed.data.tags["error"] == "RuntimeError: injected failure at epoch 1 (debug.fail_at_epoch=1)"
+    dry = run_cli([*args, "--dry-run"], cwd=tmp_path)
+    assert "1 of 2 trials already done (1 complete, 0 pruned; 1 failed, not counted), 1 to run" in dry.stdout
+
+
+@pytest.mark.slow
 def test_preflight_refuses_bad_intervals_with_one_line_and_creates_nothing(tmp_path):
     cases = {
         ("-m", "hydra/sweeper=optuna", "optim.lr=interval(0.1,0.01)"):

@@ -8,7 +8,8 @@ launches the rest through the configured launcher, each with its decision and it
 `hydra.job.env_set` (the job reports its selection metric per epoch to the trial, where Optuna's
 pruner judges it), then reads each trial's run back from the store and tells the study: the run's
 ranking metric, PRUNED for a pruned or diverged run, FAIL for a failed one. It stops when the study
-has n_trials complete or pruned trials.
+has n_trials complete or pruned trials, or when it has asked for as many trials as were missing when
+the command started (failed ones are made up by the next run of the command).
 """
 
 from __future__ import annotations
@@ -71,12 +72,12 @@ class OptunaSweeper(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         search = searching.active()
         study, returns = search.study, []
-        batch_size = search.plan.settings.n_jobs
-        while search.remaining() > 0:
+        while search.to_ask() > 0:
             runs = search.runs_by_fingerprint()
             batch: list[tuple[Any, Any]] = []
-            for _ in range(min(batch_size, search.remaining())):
+            for _ in range(search.to_ask()):
                 trial = study.ask(search.plan.distributions)
+                search.budget -= 1
                 searching.mark_owner(trial)
                 try:
                     batch.append((trial, search.trial_job(trial, self.compose, runs)))
