@@ -202,7 +202,9 @@ def take_space(args: Sequence[str], options: Mapping[str, Sequence[str]], team_d
             rest.append(arg)
             continue
         override = _parse(arg)
-        if override is None or override.is_hydra_override() or not override.is_sweep_override():
+        if override is None:
+            raise ConfigError(f"{arg}: {ov._parse_error(arg)}")
+        if override.is_hydra_override() or not override.is_sweep_override():
             rest.append(arg)
             continue
         param = _param(arg, override, options, team_dirs)
@@ -443,12 +445,23 @@ def _existing_counts(storage: str, name: str) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------- running it
 
 
+@dataclass
+class TrialJob(sweep.PlannedJob):
+    """A trial's job: launched with every override, shown (summary, leaderboard) by the values it sampled."""
+
+    sampled: int = 0  # how many of the overrides, at the end, the trial sampled
+
+    @property
+    def command(self) -> str:
+        return mask_secrets(ov.display_all(self.overrides[len(self.overrides) - self.sampled:])) or "(defaults)"
+
+
 class Search:
     """A search under way: its study, parent run and trials, shared with the sweeper that asks and tells."""
 
     def __init__(self, plan: SearchPlan, study: optuna.Study, parent: sweep.ParentRun, experiment_id: str) -> None:
         self.plan, self.study, self.parent, self.experiment_id = plan, study, parent, experiment_id
-        self.jobs: dict[int, sweep.PlannedJob] = {}  # trial number -> its job, this command's trials
+        self.jobs: dict[int, TrialJob] = {}  # trial number -> its job, this command's trials
         self.rejected: list[str] = []  # trials whose sampled config could not be composed, one line each
         # Trials this command may ask for: those missing when it started. A failed trial does not count
         # towards n_trials, but is not made up within the same command (a config that always fails
@@ -470,7 +483,7 @@ class Search:
     def overrides(self, params: Mapping[str, Any]) -> list[str]:
         return list(self.plan.fixed) + [p.override(params[p.name]) for p in self.plan.space]
 
-    def trial_job(self, trial: optuna.Trial, compose: Callable[[list[str]], DictConfig], runs: Mapping[str, list[Run]]) -> sweep.PlannedJob:
+    def trial_job(self, trial: optuna.Trial, compose: Callable[[list[str]], DictConfig], runs: Mapping[str, list[Run]]) -> TrialJob:
         """The trial as a planned job: composed and checked, its fingerprint, and what the store says of it."""
         overrides = self.overrides(trial.params)
         cfg = compose(overrides)
@@ -479,7 +492,7 @@ class Search:
         done = None if cfg.force else next((r for r in known if r.info.status == "FINISHED"), None)
         resume = None if done else next(
             (r for r in known if r.info.status != "FINISHED" and tracking.checkpoint_path(cfg, r.info.run_id).exists()), None)
-        job = sweep.PlannedJob(trial.number, overrides, cfg, fp, run_name(cfg), self.plan.tracking_uri, done, resume)
+        job = TrialJob(trial.number, overrides, cfg, fp, run_name(cfg), self.plan.tracking_uri, done, resume, len(self.plan.space))
         for key, value in (("overrides", overrides), ("fingerprint", fp), ("model_name", job.model_name)):
             trial.set_user_attr(key, value)
         self.jobs[trial.number] = job
@@ -534,8 +547,8 @@ class Search:
                 done = runs.get(run_id) if run_id else None
                 if done is None and run_id:
                     done = self.store.client.get_run(run_id)
-                jobs.append(sweep.PlannedJob(trial.number, list(attrs["overrides"]), self.plan.base, attrs["fingerprint"],
-                                             attrs["model_name"], self.plan.tracking_uri, done, None))
+                jobs.append(TrialJob(trial.number, list(attrs["overrides"]), self.plan.base, attrs["fingerprint"],
+                                     attrs["model_name"], self.plan.tracking_uri, done, None, len(self.plan.space)))
         jobs.sort(key=lambda job: job.index)
         return sweep.Plan(self.plan.args, self.plan.typed, True, jobs)
 

@@ -60,6 +60,7 @@ def test_config_groups_search_their_option_names():
                            "options of 'norm' (batch, none) are not each one number"),
     ("conv=interval(4,9)", "conv=interval(4,9): no option of config group 'conv' lies within [4, 9]; available: 1, 2, 3"),
     ("experiment=a,b", "experiment=a,b: experiment cannot be searched"),
+    ("seed=choice(1,null)", "seed=choice(1,null): TypeError while evaluating 'choice(1,null)'"),
 ])
 def test_bad_search_spaces_are_one_line_errors(arg, message):
     with pytest.raises(ConfigError) as caught:
@@ -228,7 +229,7 @@ def test_trials_whose_config_already_finished_in_a_grid_are_told_from_the_store(
 @pytest.mark.slow
 @needs_data
 def test_a_failing_trial_is_told_as_failed_and_the_search_goes_on(tmp_path):
-    args = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid", "debug.fail_at_epoch=choice(1,null)", "epochs=1", *SMALL,
+    args = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid", "debug.fail_at_epoch=1,null", "epochs=1", *SMALL,
             "experiment=failing"]
     result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]  # as a grid with a failed job
