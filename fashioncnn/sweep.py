@@ -289,7 +289,8 @@ class ParentRun:
             )
             self.run_id = run.info.run_id
             self.reattached = False
-            store.client.log_batch(self.run_id, params=[Param(key, value) for key, value in (swept_keys(plan) if params is None else params).items()])
+            params = swept_keys(plan) if params is None else params
+            store.client.log_batch(self.run_id, params=[Param(key, value) for key, value in params.items()])
         self.base = links.ui_base_for(store.uri)
 
     @property
