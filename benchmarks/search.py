@@ -7,7 +7,8 @@
    training time the pruner says it saved. Then, against prune=none: the best's difference in points
    and the training time as a fraction.
 2. A 20-trial Optuna search (`hydra/sweeper=optuna`) over conv, lin, channels and
-   `optim.lr=tag(log,interval(1e-4,1e-2))` at 5 epochs with pruning (prune=median), then the same
+   `optim.lr=tag(log,interval(1e-4,1e-2))` at 5 epochs with pruning (Optuna's own,
+   `hydra.sweeper.pruner=median`; `--optuna-prune` adds the store's `prune=`), then the same
    command again: how many runs the second command trained (none, when the study resumes) and
    whether it reports the same best.
 
@@ -38,7 +39,7 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results-search.json"
 GRID_PRUNERS = ("none", "median", "asha")
-OPTUNA_SPACE = ["conv=1,2,3", "lin=2,3,4", "channels=16.32,32.32,32.64,64.128", "optim.lr=tag(log,interval(1e-4,1e-2))"]
+OPTUNA_SPACE = ["conv=1,2,3", "lin=2,3,4", "channels=glob(*)", "optim.lr=tag(log,interval(1e-4,1e-2))"]
 
 
 def fashioncnn(args: list[str], cwd: Path) -> dict[str, Any]:
@@ -114,10 +115,10 @@ def grid(workdir: Path, subset: int | None, epochs: int | None) -> dict[str, Any
     return results
 
 
-def optuna(workdir: Path, subset: int | None, epochs: int, trials: int, prune: str) -> dict[str, Any]:
+def optuna(workdir: Path, subset: int | None, epochs: int, trials: int, pruner: str, prune: str) -> dict[str, Any]:
     cwd = workdir / "optuna"
     args = ["-m", "hydra/sweeper=optuna", f"hydra.sweeper.n_trials={trials}", "hydra.sweeper.sampler=tpe",
-            "hydra.sweeper.seed=0", *OPTUNA_SPACE, f"prune={prune}", f"epochs={epochs}", "experiment=search-optuna",
+            "hydra.sweeper.seed=0", f"hydra.sweeper.pruner={pruner}", *OPTUNA_SPACE, f"prune={prune}", f"epochs={epochs}", "experiment=search-optuna",
             *([f"subset={subset}"] if subset else [])]
     first = fashioncnn(args, cwd) | store_figures(cwd, "search-optuna")
     again = fashioncnn(args, cwd) | store_figures(cwd, "search-optuna")
@@ -144,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", type=int, help="training images per run (default: all, as the issue asks)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: 5, the study's step 3)")
     parser.add_argument("--trials", type=int, default=20, help="Optuna trials (default: %(default)s)")
-    parser.add_argument("--optuna-prune", default="median", choices=GRID_PRUNERS, help="the search's prune= (default: %(default)s)")
+    parser.add_argument("--optuna-pruner", default="median", choices=GRID_PRUNERS,
+                        help="the search's hydra.sweeper.pruner, Optuna's own (default: %(default)s)")
+    parser.add_argument("--optuna-prune", default="none", choices=GRID_PRUNERS,
+                        help="the search's prune=, the store's pruner (default: %(default)s)")
     parser.add_argument("--only", choices=("grid", "optuna"), help="run one of the two parts")
     parser.add_argument("--workdir", type=Path, help="where the stores go (default: a new temporary directory, kept)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file (default: %(default)s)")
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "grid"):
         results["step3_grid"] = grid(workdir, args.subset, args.epochs)
     if args.only in (None, "optuna"):
-        results["optuna_search"] = optuna(workdir, args.subset, args.epochs or 5, args.trials, args.optuna_prune)
+        results["optuna_search"] = optuna(workdir, args.subset, args.epochs or 5, args.trials, args.optuna_pruner, args.optuna_prune)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}", flush=True)
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from fashioncnn import overrides, sources, sweep
+from fashioncnn import overrides, search, sources, sweep
 from fashioncnn.config import ConfigError
 
 # Flags that only show things: Hydra answers them itself, nothing is planned or trained.
@@ -30,6 +30,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"warning: {warning}", file=sys.stderr)
     options = sources.group_options(team_dirs)
     try:
+        # A sampled search takes its sweeps out as the search space; the rest is rewritten as for a grid.
+        space, args = search.take_space(args, options, team_dirs) if search.selected(args) else (None, args)
         args, notices = overrides.rewrite(args, options)
         for notice in notices:
             print(f"notice: {notice}", file=sys.stderr)
@@ -37,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if any(flag in args for flag in _HYDRA_ONLY):
             sweep.show(args)
             return
-        plan = sweep.plan(args, typed, options)
+        plan = search.plan(args, typed, options, space) if space is not None else sweep.plan(args, typed, options)
     except ConfigError as error:
         _fail(str(error))
     if dry_run:
@@ -53,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"estimated training time: not available ({mask_secrets(reason)})")
         return
     try:
-        sys.exit(sweep.run(plan))
+        sys.exit(search.run(plan) if isinstance(plan, search.SearchPlan) else sweep.run(plan))
     except ConfigError as error:  # the store could not be created
         _fail(str(error))
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from fashioncnn import links, tracking
 from fashioncnn.data import load
 from fashioncnn.model import ModelSpec, build_model, count_parameters, run_name
-from fashioncnn.prune import make_pruner
+from fashioncnn.prune import PRUNED_EPOCH_TAG, make_pruner
 from fashioncnn.train import EpochMetrics, resolve_device, train
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,8 @@ def train_and_log(cfg: DictConfig) -> float | None:
         if result.diverged:
             mlflow.set_tags({tracking.DIVERGED_TAG: "true", "diverged_reason": result.diverged})
         elif result.pruned:  # never picked, so no model to keep
-            mlflow.set_tags({tracking.PRUNED_TAG: "true", "pruned_reason": result.pruned})
+            mlflow.set_tags({tracking.PRUNED_TAG: "true", "pruned_reason": result.pruned,
+                             PRUNED_EPOCH_TAG: str(len(result.history))})  # what the summary's saving counts from
         elif cfg.log_model:
             from fashioncnn.serving import log_model  # torch.export's import costs seconds: only when used
 

@@ -24,12 +24,13 @@ from mlflow.entities import Run, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from fashioncnn import tracking
+from fashioncnn import tracking, trial_pruner
 
 if TYPE_CHECKING:
     from fashioncnn.train import EpochMetrics
 
-# Tags a pruned run carries besides pruned=true and pruned_reason (job.py): where and why it stopped.
+# Tags a pruned run carries besides pruned=true and pruned_reason: the epoch it stopped after (job.py,
+# whichever pruner stopped it) and the store pruners' details.
 PRUNED_EPOCH_TAG = "pruned_epoch"
 PRUNED_DETAIL_TAGS = ("pruned_rule", "pruned_metric", "pruned_value", "pruned_threshold", "pruned_siblings")
 _ENDED = {"FINISHED", "FAILED", "KILLED"}
@@ -181,7 +182,7 @@ class _SiblingPruner(ABC):
             return None
         reason = self._reason(epoch, own, threshold, len(others_at))
         if self.client is not None:
-            details = {PRUNED_EPOCH_TAG: str(epoch), "pruned_rule": self.rule, "pruned_metric": self.metric,
+            details = {"pruned_rule": self.rule, "pruned_metric": self.metric,
                        "pruned_value": f"{own:.6g}", "pruned_threshold": f"{threshold:.6g}",
                        "pruned_siblings": str(len(others_at))}
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in details.items()])
@@ -230,11 +231,36 @@ class AshaPruner(_SiblingPruner):
 
 
 def make_pruner(cfg: DictConfig, run_id: str) -> Pruner:
-    """The pruner that `cfg.prune` asks for, for the run `run_id`; outside a sweep, none."""
+    """The pruners that `cfg` asks for, for the run `run_id`: an Optuna trial's (hydra/sweeper=optuna), which
+    also reports each epoch to its study, and `cfg.prune`'s, from the sweep's runs in the store; the first
+    that says stop stops the run. Outside a sweep, none."""
+    pruners: list[Pruner] = []
+    if (trial := trial_pruner.from_environment(cfg, run_id)) is not None:
+        pruners.append(trial)
+    if (siblings := _sibling_pruner(cfg, run_id)) is not None:
+        pruners.append(siblings)
+    if not pruners:
+        return NeverPrune()
+    return pruners[0] if len(pruners) == 1 else FirstToStop(pruners)
+
+
+class FirstToStop:
+    """Every pruner hears every epoch (an Optuna trial must report each one); the first reason stops the run."""
+
+    def __init__(self, pruners: list[Pruner]) -> None:
+        self.pruners = pruners
+
+    def after_epoch(self, metrics: EpochMetrics) -> str | None:
+        reasons = [pruner.after_epoch(metrics) for pruner in self.pruners]
+        return next((reason for reason in reasons if reason), None)
+
+
+def _sibling_pruner(cfg: DictConfig, run_id: str) -> Pruner | None:
+    """`cfg.prune`'s rule over the sweep's runs in the store; None for prune=none or outside a sweep."""
     rule = getattr(cfg.prune.name, "value", cfg.prune.name)
     sweep_id = os.environ.get(tracking.SWEEP_ID_ENV)
     if rule == "none" or not sweep_id:
-        return NeverPrune()
+        return None
     metric = getattr(cfg.select_metric, "value", cfg.select_metric)
     store = tracking.store(tracking.resolve_tracking_uri(cfg))
     siblings = Siblings(store, os.environ[tracking.EXPERIMENT_ID_ENV], sweep_id, run_id,

@@ -170,8 +170,11 @@ def _hydra(argv: list[str]) -> None:
     from fashioncnn.job import hydra_app
     from hydra_plugins.fashioncnn_plugins.plan_sweeper import PlanSweeper
 
-    # An editable install hides the plugin from Hydra's scan of hydra_plugins; registering is idempotent.
+    from hydra_plugins.fashioncnn_plugins.optuna_sweeper import OptunaSweeper
+
+    # An editable install hides the plugins from Hydra's scan of hydra_plugins; registering is idempotent.
     Plugins.instance().register(PlanSweeper)
+    Plugins.instance().register(OptunaSweeper)
     register_schema()
     sys.argv = [sys.argv[0], *argv]
     hydra_app()
@@ -229,16 +232,24 @@ def run(plan: Plan) -> int:
         pass
     finally:
         _launch_list = None
-    metric_name = plan_metric(plan)
+    return close_sweep(plan, parent, experiment_ids, interrupted, first.tracking_uri)
+
+
+def close_sweep(plan: Plan, parent: ParentRun, experiment_ids: Mapping[tuple[str, str], str],
+                interrupted: KeyboardInterrupt | None, tracking_uri: str, metric_name: str | None = None) -> int:
+    """The summary (read back from the store) on the parent run and in the terminal; the exit code."""
+    from fashioncnn.job import interrupted_exit_code
+
+    metric_name = metric_name or plan_metric(plan)
     saved: dict[str, float] = {}
     rows = summarize(plan, parent.sweep_id, experiment_ids, metric_name, saved)
     failed = any(row["status"] in FAILED_STATUSES for row in rows)
     parent.close(rows, metric_name, "KILLED" if interrupted else "FAILED" if failed else "FINISHED", saved)
     print(f"\nsweep {parent.sweep_id} (parent run {parent.run_id}):", flush=True)
-    print(summary_text(rows), flush=True)
+    print(summary_text(rows) if rows else "no jobs ran", flush=True)
     if saved:
         print(pruning_line(rows, saved), flush=True)
-    local = not first.tracking_uri.startswith(("http://", "https://"))
+    local = not tracking_uri.startswith(("http://", "https://"))
     print(f"in MLflow: {parent.url}" + ("  (start the UI with: make ui)" if local else ""), flush=True)
     if interrupted:
         return interrupted_exit_code(interrupted)
@@ -251,9 +262,11 @@ def run(plan: Plan) -> int:
 class ParentRun:
     """The sweep's parent run. The same sweep run again (same jobs) re-attaches to the same parent."""
 
-    def __init__(self, plan: Plan, store: tracking.Store, experiment_id: str) -> None:
+    def __init__(self, plan: Plan, store: tracking.Store, experiment_id: str, sweep_fingerprint: str | None = None,
+                 params: Mapping[str, str] | None = None, jobs: int | None = None) -> None:
+        # A sampled search (search.py) names itself by its study, its params by its space, its jobs by n_trials.
         self.store, self.experiment_id = store, experiment_id
-        self.sweep_fingerprint = hashlib.sha256(
+        self.sweep_fingerprint = sweep_fingerprint or hashlib.sha256(
             json.dumps(sorted(job.fingerprint for job in plan.jobs)).encode()
         ).hexdigest()[:16]
         earlier = store.search(experiment_id, f"tags.`{tracking.ROLE_TAG}` = 'parent' and "
@@ -275,12 +288,13 @@ class ParentRun:
                     tracking.SWEEP_TAG: self.sweep_id,
                     "sweep_fingerprint": self.sweep_fingerprint,
                     "command": mask_secrets(shlex.join(["python", "-m", "fashioncnn", "-m", *typed])),
-                    "jobs": str(len(plan.jobs)),
+                    "jobs": str(len(plan.jobs) if jobs is None else jobs),
                 },
             )
             self.run_id = run.info.run_id
             self.reattached = False
-            store.client.log_batch(self.run_id, params=[Param(key, value) for key, value in swept_keys(plan).items()])
+            params = swept_keys(plan) if params is None else params
+            store.client.log_batch(self.run_id, params=[Param(key, value) for key, value in params.items()])
         self.base = links.ui_base_for(store.uri)
 
     @property
@@ -338,7 +352,11 @@ def summary_columns(metric_name: str) -> list[str]:
 
 def plan_metric(plan: Plan) -> str:
     """The run-level metric that ranks this sweep's runs: from its jobs' select_metric (the first job's if they differ)."""
-    return ranking_metric(getattr(plan.jobs[0].cfg.select_metric, "value", plan.jobs[0].cfg.select_metric))
+    return plan_metric_of(plan.jobs[0].cfg)
+
+
+def plan_metric_of(cfg: DictConfig) -> str:
+    return ranking_metric(getattr(cfg.select_metric, "value", cfg.select_metric))
 
 
 def ranked_rows(rows: list[dict[str, str]], metric_name: str) -> list[dict[str, str]]:
@@ -412,6 +430,8 @@ def pruning_line(rows: list[dict[str, str]], saved: Mapping[str, float]) -> str:
 
 
 def _columns(rows: list[dict[str, str]]) -> list[str]:
+    if not rows:  # a search whose every trial was refused
+        return []
     return [column for column in rows[0] if column != "test_acc_at_best" or any(r[column] for r in rows)]
 
 
@@ -436,7 +456,8 @@ def summary_markdown(rows: list[dict[str, str]]) -> str:
 
 def summary_csv(rows: list[dict[str, str]]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=_columns(rows))
+    # _columns drops test_acc_at_best when no row has it (every job failed): its empty cells go too.
+    writer = csv.DictWriter(out, fieldnames=_columns(rows), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
