@@ -17,7 +17,7 @@ from fashioncnn.data import DEBIAN_DIR
 from fashioncnn.model import ModelSpec
 from fashioncnn.preflight import jobs_of
 from fashioncnn.results import selectable
-from fashioncnn.prune import (AshaPruner, MedianPruner, NeverPrune, asha_rungs, asha_verdict, best_so_far, make_pruner,
+from fashioncnn.prune import (AshaPruner, FirstToStop, MedianPruner, NeverPrune, asha_rungs, asha_verdict, best_so_far, make_pruner,
                               median_verdict, saved_seconds)
 from fashioncnn.sweep import fingerprint
 from fashioncnn.train import EpochMetrics
@@ -132,6 +132,22 @@ def test_a_resumed_run_counts_its_earlier_epochs():
     siblings = FakeSiblings([{1: 0.7, 2: 0.75, 3: 0.8}] * 3, own={1: 0.9, 2: 0.5})
     pruner = MedianPruner("run", 5, "val_acc", siblings, min_siblings=3)
     assert pruner.after_epoch(epoch(3, 0.6)) is None  # its best so far is epoch 1's 0.9
+
+
+def test_every_pruner_hears_every_epoch_and_the_first_to_stop_wins():
+    heard = []
+
+    class Says:
+        def __init__(self, name, reason):
+            self.name, self.reason = name, reason
+
+        def after_epoch(self, metrics):
+            heard.append(self.name)
+            return self.reason
+
+    assert FirstToStop([Says("trial", None), Says("store", "stop")]).after_epoch(epoch(1, 0.1)) == "stop"
+    assert FirstToStop([Says("trial", "first"), Says("store", "second")]).after_epoch(epoch(1, 0.1)) == "first"
+    assert heard == ["trial", "store", "trial", "store"]  # an Optuna trial gets its report even when the other stops
 
 
 def test_saved_seconds():
