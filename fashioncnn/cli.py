@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         from fashioncnn.tracking import mask_secrets
 
         print(plan.describe())
+        if isinstance(plan, search.SearchPlan):  # its trials' models are not known before they are sampled
+            print("estimated training time: not available for a sampled search (each trial's model is sampled as it starts)")
+            return
         notes: list[str] = []
         try:
             print(estimate.describe(estimate.estimate(plan, notes=notes), notes))
