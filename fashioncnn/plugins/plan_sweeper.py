@@ -16,6 +16,7 @@ from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -32,6 +33,10 @@ class PlanSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
+        if isinstance(self.launcher, SlurmLauncher):  # here, in the launching process, submitit polls the jobs
+            from fashioncnn import slurm_states
+
+            slurm_states.install()  # clusters without accounting: states from squeue, one line instead of a warning per poll
 
     def sweep(self, arguments: List[str]) -> List[JobReturn]:
         from fashioncnn.sweep import launch_list
