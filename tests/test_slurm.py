@@ -42,9 +42,13 @@ def start_cli(args, cwd, env=None):
 
 
 def submitit_logs(cwd) -> dict[str, str]:
-    """SLURM job id (array task, e.g. 4_1) -> the job's output and error logs, from submitit's folder in the sweep's directory."""
+    """SLURM job id -> the job's output and error logs, from submitit's folder in the sweep's directory.
+
+    A sweep of several jobs is one job array (ids 4_0, 4_1, ...); a single job has a plain id.
+    """
+    folders = [folder for folder in cwd.glob("multirun/*/*/.submitit/*") if folder.is_dir()]
     return {folder.name: "".join(path.read_text() for path in sorted(folder.glob("*_0_log.*")))
-            for folder in cwd.glob("multirun/*/*/.submitit/*_*") if folder.is_dir()}
+            for folder in folders if any(folder.glob("*_0_log.*"))}
 
 
 def test_a_sweep_on_slurm_nests_its_jobs_under_the_parent_run_in_the_team_server(slurm_cluster, postgres_server, tmp_path):
