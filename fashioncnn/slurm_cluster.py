@@ -168,7 +168,8 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         self.processes[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                                 env={**os.environ, **self.env}, start_new_session=True)
 
-    def _check_running(self) -> None:
+    def check_running(self) -> None:
+        """ClusterError if a daemon has exited."""
         for name, process in self.processes.items():
             if process.poll() is not None:
                 raise ClusterError(f"{name} exited with code {process.returncode}; see {self.folder / 'log'}")
@@ -200,7 +201,7 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
     def _wait(self, ready, what: str) -> None:
         deadline = time.monotonic() + self.start_timeout_s
         while not ready():
-            self._check_running()
+            self.check_running()
             if time.monotonic() > deadline:
                 raise ClusterError(f"timed out after {self.start_timeout_s:.0f} s waiting for {what}; see {self.folder / 'log'}")
             time.sleep(0.2)
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  python -m fashioncnn -m hydra/launcher=submitit_slurm hydra.launcher.partition={PARTITION} conv=2,3 epochs=1\n"
               "Ctrl-C here cancels its jobs and stops the cluster.", flush=True)
         while True:
-            cluster._check_running()
+            cluster.check_running()
             time.sleep(1)
     except ClusterError as error:
         print(f"error: {error}", file=sys.stderr)
