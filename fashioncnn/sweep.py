@@ -282,7 +282,9 @@ class ParentRun:
             grid = mask_secrets(" ".join(ov.split_flags(typed)[0])) or "(defaults)"
             run = store.client.create_run(
                 experiment_id,
-                run_name=grid,  # the sweep's own grid, as typed: what the runs table shows for it
+                # The sweep's own grid, as typed: what the runs table shows for it. MLflow's SQL stores hold
+                # 250 characters (PostgreSQL refuses more; the command tag keeps the whole line).
+                run_name=grid if len(grid) <= 250 else grid[:249] + "…",
                 tags={
                     tracking.ROLE_TAG: "parent",
                     tracking.SWEEP_TAG: self.sweep_id,

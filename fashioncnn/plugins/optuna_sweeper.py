@@ -37,12 +37,10 @@ class OptunaSweeper(Sweeper):
         self.hydra_context: Optional[HydraContext] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        from hydra.core.plugins import Plugins
+        from hydra_plugins.fashioncnn_plugins.plan_sweeper import instantiate_launcher
 
         self.config, self.hydra_context = config, hydra_context
-        self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config
-        )
+        self.launcher = instantiate_launcher(hydra_context, task_function, config)
 
     def compose(self, overrides: List[str]) -> DictConfig:
         """A trial's job config, as the launcher will compose it, checked as preflight checks a grid job."""
