@@ -12,7 +12,7 @@ SWEEP ?= conv=2,3 epochs=1
 
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv data postgres chromium sweep test test-quick ui server server-sqlite bench clean study study-report
+.PHONY: venv data postgres chromium slurm-packages slurm sweep test test-quick ui server server-sqlite bench clean study study-report
 
 venv: $(STAMP)
 
@@ -54,6 +54,21 @@ chromium:
 		sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; \
 	else echo "Chromium not installed: the browser test of the MLflow UI will be skipped"; fi
 
+# SLURM (slurmctld, slurmd) and munge from Debian's packages, for the cluster tests and make slurm.
+slurm-packages:
+	@if command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "Installing SLURM (Debian packages slurmctld slurmd munge)"; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends slurmctld slurmd munge >/dev/null; \
+	elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then \
+		sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends slurmctld slurmd munge >/dev/null; \
+	else echo "SLURM not installed: the cluster tests will be skipped"; fi
+
+# A single-node SLURM cluster on 127.0.0.1 (config, state and logs in ./slurm), in the foreground until
+# Ctrl-C. It prints the `export SLURM_CONF=...` that sbatch, squeue and the submitit launcher need.
+slurm: $(STAMP) slurm-packages data
+	$(BIN)/python -m fashioncnn.slurm_cluster --dir slurm
+
 # A shared MLflow tracking server on $(HOST):$(PORT): PostgreSQL (make server) or sqlite (make server-sqlite),
 # database and artifacts in ./server. Add AUTH=--auth for MLflow's basic authentication.
 server: $(STAMP) postgres
@@ -88,7 +103,7 @@ study-report: $(STAMP)
 		--title "Step 2: linear depth, with step 1's M2.3 and M3.3" -o reports/step2-with-step1 > /dev/null
 	@echo "reports/step2-with-step1/report.md"
 
-test: $(STAMP) data postgres chromium
+test: $(STAMP) data postgres chromium slurm-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The edit-test loop: every test not marked slow (under 2 minutes on 2 cores).

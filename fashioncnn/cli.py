@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from fashioncnn import overrides, sources, sweep
+from fashioncnn import overrides, search, sources, sweep
 from fashioncnn.config import ConfigError
 
 # Flags that only show things: Hydra answers them itself, nothing is planned or trained.
@@ -30,6 +30,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"warning: {warning}", file=sys.stderr)
     options = sources.group_options(team_dirs)
     try:
+        # A sampled search takes its sweeps out as the search space; the rest is rewritten as for a grid.
+        space, args = search.take_space(args, options, team_dirs) if search.selected(args) else (None, args)
         args, notices = overrides.rewrite(args, options)
         for notice in notices:
             print(f"notice: {notice}", file=sys.stderr)
@@ -37,14 +39,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         if any(flag in args for flag in _HYDRA_ONLY):
             sweep.show(args)
             return
-        plan = sweep.plan(args, typed, options)
+        plan = search.plan(args, typed, options, space) if space is not None else sweep.plan(args, typed, options)
     except ConfigError as error:
         _fail(str(error))
     if dry_run:
+        from fashioncnn import estimate
+        from fashioncnn.tracking import mask_secrets
+
         print(plan.describe())
+        if isinstance(plan, search.SearchPlan):  # its trials' models are not known before they are sampled
+            print("estimated training time: not available for a sampled search (each trial's model is sampled as it starts)")
+            return
+        notes: list[str] = []
+        try:
+            print(estimate.describe(estimate.estimate(plan, notes=notes), notes))
+        except Exception as error:  # the plan stands without its estimate
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"estimated training time: not available ({mask_secrets(reason)})")
         return
     try:
-        sys.exit(sweep.run(plan))
+        sys.exit(search.run(plan) if isinstance(plan, search.SearchPlan) else sweep.run(plan))
     except ConfigError as error:  # the store could not be created
         _fail(str(error))
 

@@ -123,6 +123,27 @@ class SpeedConfig:
     weight_first_linear: Optional[int] = 1_000_000  # CPU: linear layers with at least this many weights run as W·xᵀ; null: none
 
 
+class PruneRule(Enum):
+    none = "none"
+    median = "median"  # below the median of the siblings that reached the same epoch: stop
+    asha = "asha"  # asynchronous successive halving: at each rung only the top 1/reduction_factor go on
+
+
+@dataclass
+class PruneConfig:
+    """Stopping hopeless runs of a sweep early, from the siblings' per-epoch metrics in the store (prune.py).
+
+    Not part of a run's fingerprint: pruning decides how far a run goes, not what it learns, so a pruned
+    run is found (and skipped) on a re-run, and a run trained fully under prune=none is the same run.
+    """
+
+    name: PruneRule = PruneRule.none
+    warmup_epochs: int = 0  # median: epochs every run completes before it can be stopped
+    min_siblings: int = 3  # fewer siblings than this at an epoch (median) or rung (asha): go on
+    reduction_factor: int = 3  # asha: the top 1/reduction_factor of a rung is promoted
+    min_epoch: int = 1  # asha: the first rung; rungs at min_epoch * reduction_factor**k below `epochs`
+
+
 class SelectMetric(Enum):
     """What picks a run's best epoch, and ranks runs (report, retrain, registry)."""
 
@@ -192,6 +213,7 @@ class Config:
     speed: SpeedConfig = _not_learned(factory=SpeedConfig)  # see README, "Speed"
     # Sweeps that never lose work (see README, "Sweeps that never lose work").
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    prune: PruneConfig = _not_learned(factory=PruneConfig)  # see README, "Pruning"
     force: bool = _not_learned(False)  # train even when a FINISHED run with the same effective config exists
     checkpoint_dir: str = _not_learned("mlruns/checkpoints")  # per-epoch checkpoints of unfinished runs
     keep_checkpoint: bool = _not_learned(False)  # log the final checkpoint as an artifact of its run
@@ -288,6 +310,10 @@ _RULES: dict[str, tuple[Any, str]] = {
     "label_smoothing": (lambda v: isinstance(v, float) and 0 <= v < 1, "a number from 0 (none) to 1 (exclusive)"),
     "augment.shift": (lambda v: isinstance(v, int) and 0 <= v <= 8, "an integer from 0 to 8 (pixels)"),
     "schedule.warmup_epochs": (lambda v: isinstance(v, float) and v >= 0, "a number of epochs >= 0"),
+    "prune.warmup_epochs": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (epochs before any decision)"),
+    "prune.min_siblings": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (siblings needed before a decision)"),
+    "prune.reduction_factor": (lambda v: isinstance(v, int) and v >= 2, "an integer >= 2 (asha keeps the top 1/factor of a rung)"),
+    "prune.min_epoch": (_positive_int, "an integer >= 1 (asha's first rung)"),
     "schedule.pct_start": (lambda v: isinstance(v, float) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
 }
 

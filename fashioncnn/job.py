@@ -24,7 +24,7 @@ from fashioncnn import checkpoints, lease, links, tracking
 from fashioncnn.data import load
 from fashioncnn.delivery import Delivery
 from fashioncnn.model import ModelSpec, build_model, count_parameters, run_name
-from fashioncnn.prune import make_pruner
+from fashioncnn.prune import PRUNED_EPOCH_TAG, make_pruner
 from fashioncnn.train import EpochMetrics, resolve_device, train
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,8 @@ def train_and_log(cfg: DictConfig) -> float | None:
         if result.diverged:
             tracking.set_tags({tracking.DIVERGED_TAG: "true", "diverged_reason": result.diverged})
         elif result.pruned:  # never picked, so no model to keep
-            tracking.set_tags({tracking.PRUNED_TAG: "true", "pruned_reason": result.pruned})
+            tracking.set_tags({tracking.PRUNED_TAG: "true", "pruned_reason": result.pruned,
+                               PRUNED_EPOCH_TAG: str(len(result.history))})  # what the summary's saving counts from
         if not delivery.drain(cfg.tracking.outage_wait_seconds):
             raise StoreAway(f"tracking store {tracking.mask_secrets(uri)} did not answer for "
                             f"{cfg.tracking.outage_wait_seconds:g} s (tracking.outage_wait_seconds) at the end of run "

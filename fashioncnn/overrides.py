@@ -143,8 +143,9 @@ def rewrite(args: Sequence[str], options: Mapping[str, Sequence[str]]) -> tuple[
 def _rewrite_group(arg: str, override: Override, options: Sequence[str]) -> str:
     key = override.key_or_group
     if override.is_interval_sweep():
-        raise ConfigError(f"{arg}: interval(...) samples numbers, but '{key}' is a config group of named options "
-                          f"({', '.join(sort_options(options))}); choose some: {key}=a,b, range(...) or glob(...)")
+        raise ConfigError(f"{arg}: interval(...) samples a range, which a grid cannot list; sample it with hydra/sweeper=optuna "
+                          f"(python -m fashioncnn -m hydra/sweeper=optuna ...), or choose options of '{key}' "
+                          f"({', '.join(sort_options(options))}): {key}=a,b, range(...) or glob(...)")
     try:
         expanded = _expand(override, options)
     except ValueError:

@@ -47,18 +47,34 @@ def compose_jobs(args: Sequence[str], options: Mapping[str, Sequence[str]]) -> l
             raise
         except Exception as error:
             raise ConfigError(explain(error, overrides)) from error
-        jobs = []
-        for job in job_overrides:
-            try:
-                cfg = compose(config_name=CONFIG_NAME, overrides=job)
-                _check_unknown_keys(cfg)
-                validate(cfg)
-                ModelSpec.from_config(cfg.model).check_feasible()
-            except Exception as error:
-                where = f" (in job {ov.display_all(job)})" if multirun and len(job_overrides) > 1 else ""
-                raise ConfigError(explain(error, job) + where) from error
-            jobs.append((job, cfg))
+        return _compose_each(job_overrides, multirun and len(job_overrides) > 1)
+
+
+def compose_listed(job_overrides: Sequence[list[str]], options: Mapping[str, Sequence[str]]) -> list[Job]:
+    """These jobs (each a list of rewritten overrides), composed and validated; ConfigError names the first bad one."""
+    register_schema()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return _compose_each(job_overrides, len(job_overrides) > 1)
+
+
+def _compose_each(job_overrides: Sequence[list[str]], say_which: bool) -> list[Job]:
+    jobs = []
+    for job in job_overrides:
+        try:
+            cfg = compose(config_name=CONFIG_NAME, overrides=job)
+            check_job(cfg)
+        except Exception as error:
+            where = f" (in job {ov.display_all(job)})" if say_which else ""
+            raise ConfigError(explain(error, job) + where) from error
+        jobs.append((list(job), cfg))
     return jobs
+
+
+def check_job(cfg: DictConfig) -> None:
+    """A composed job's keys, values and model, checked (raises; explain() makes the one line)."""
+    _check_unknown_keys(cfg)
+    validate(cfg)
+    ModelSpec.from_config(cfg.model).check_feasible()
 
 
 def jobs_of(args: Sequence[str], team_dirs: Sequence[Path] = ()) -> list[Job]:
@@ -87,7 +103,13 @@ def _expand(overrides: list[str], multirun: bool, options: Mapping[str, Sequence
     params = OmegaConf.select(sweep_config, "hydra.sweeper.params") or {}
     preset, _ = ov.rewrite([f"{key}={value}" for key, value in params.items()], options)
     parser = OverridesParser.create(config_loader=loader)
-    batches = BasicSweeper.split_arguments(parser.parse_overrides(preset + list(overrides)), max_batch_size=None)
+    parsed = parser.parse_overrides(preset + list(overrides))
+    for override in parsed:
+        if override.is_interval_sweep():
+            raise ConfigError(f"{override.input_line}: interval(...) samples a range, which a grid cannot list; "
+                              f"search it with hydra/sweeper=optuna (python -m fashioncnn -m hydra/sweeper=optuna ...), "
+                              f"or give values: choice(...) or range(...)")
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
     return [list(job) for batch in batches for job in batch]
 
 

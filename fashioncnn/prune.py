@@ -2,16 +2,38 @@
 
 A pruned run ends FINISHED with `pruned=true` and its reason as tags (job.py); it counts as done on a
 re-run and is never picked by retrain or the registry (results.selectable).
+
+The pruners compare a run with its siblings: the other runs of the same sweep (the `sweep_id` tag, in
+the same experiment), read from the tracking store. So they work alike with every launcher and across
+machines: whatever ran a sibling, its per-epoch metrics are in the store. With the basic launcher the
+siblings of job k are jobs 0..k-1, all ended, so the decisions depend on the grid's order alone.
+
+Both rules compare the *best selection metric so far* (up to epoch e) of the run and of each sibling
+that reached epoch e: a run's model is its best epoch, so that is what would be ranked. A run is never
+stopped after its last epoch (nothing left to save) nor outside a sweep (no siblings).
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Protocol
 
+from mlflow.entities import Run, RunTag
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
+
+from fashioncnn import tracking, trial_pruner
 
 if TYPE_CHECKING:
     from fashioncnn.train import EpochMetrics
+
+# Tags a pruned run carries besides pruned=true and pruned_reason: the epoch it stopped after (job.py,
+# whichever pruner stopped it) and the store pruners' details.
+PRUNED_EPOCH_TAG = "pruned_epoch"
+PRUNED_DETAIL_TAGS = ("pruned_rule", "pruned_metric", "pruned_value", "pruned_threshold", "pruned_siblings")
+_ENDED = {"FINISHED", "FAILED", "KILLED"}
 
 
 class Pruner(Protocol):
@@ -25,6 +47,236 @@ class NeverPrune:
         return None
 
 
+def lower_is_better(metric: str) -> bool:
+    return metric.endswith("loss")
+
+
+def best_so_far(history: dict[int, float], epoch: int, lower: bool) -> float | None:
+    """The best value at steps 1..epoch, or None when the run has not reached `epoch`."""
+    if epoch not in history:
+        return None
+    values = [value for step, value in history.items() if step <= epoch]
+    return min(values) if lower else max(values)
+
+
+def _worse(value: float, threshold: float, lower: bool) -> bool:
+    return value > threshold if lower else value < threshold
+
+
+def median_verdict(own: float, siblings: list[float], lower: bool, min_siblings: int) -> float | None:
+    """The median that `own` falls short of (stop), or None (go on)."""
+    if not siblings or len(siblings) < min_siblings:
+        return None
+    median = statistics.median(siblings)
+    return median if _worse(own, median, lower) else None
+
+
+def asha_rungs(epochs: int, min_epoch: int, reduction_factor: int) -> list[int]:
+    """The epochs after which ASHA decides: min_epoch * reduction_factor**k, below `epochs`."""
+    rungs, rung = [], min_epoch
+    while rung < epochs:
+        rungs.append(rung)
+        rung *= reduction_factor
+    return rungs
+
+
+def asha_verdict(own: float, siblings: list[float], lower: bool, reduction_factor: int, min_siblings: int) -> float | None:
+    """The value `own` must reach to be promoted, when it does not (stop), or None (promoted).
+
+    The top max(1, n // reduction_factor) of the n runs at the rung (the run itself included) go on;
+    ties with the last promoted value go on too.
+    """
+    if len(siblings) < min_siblings:
+        return None
+    ranked = sorted([*siblings, own], reverse=not lower)
+    threshold = ranked[max(1, len(ranked) // reduction_factor) - 1]
+    return threshold if _worse(own, threshold, lower) else None
+
+
+class Siblings:
+    """The per-epoch selection metric of a run's siblings, read from the tracking store.
+
+    One search per decision (which runs exist and whether they ended), plus the metric history of a
+    sibling only when the cached one cannot answer: an ended run's history never changes, a running
+    one's is fetched again only when it lacks the epoch asked about.
+    """
+
+    def __init__(self, store: tracking.Store, experiment_id: str, sweep_id: str, run_id: str, fingerprint: str,
+                 metric: str) -> None:
+        self.store, self.experiment_id, self.sweep_id = store, experiment_id, sweep_id
+        self.run_id, self.fingerprint, self.metric = run_id, fingerprint, metric
+        self._histories: dict[str, dict[int, float]] = {}
+        self._ended: set[str] = set()
+
+    def _history(self, run_id: str) -> dict[int, float]:
+        return {m.step: m.value for m in self.store.client.get_metric_history(run_id, self.metric)}
+
+    def own_history(self) -> dict[int, float]:
+        return self._history(self.run_id)
+
+    def histories_at(self, epoch: int) -> list[dict[int, float]]:
+        """The histories of the siblings that reached `epoch` (one per configuration: its newest run)."""
+        found = self.store.search(self.experiment_id, f"tags.{tracking.SWEEP_TAG} = '{self.sweep_id}'")
+        newest: dict[str, Run] = {}
+        for run in found:  # newest first
+            tags = run.data.tags
+            if tags.get(tracking.ROLE_TAG) == "parent" or run.info.run_id == self.run_id:
+                continue
+            # Earlier attempts at this run's own config are not its siblings.
+            if tags.get(tracking.FINGERPRINT_TAG) == self.fingerprint:
+                continue
+            newest.setdefault(tags.get(tracking.FINGERPRINT_TAG, run.info.run_id), run)
+        reached = []
+        for run in newest.values():
+            run_id, status = run.info.run_id, run.info.status
+            if self.metric not in run.data.metrics:
+                continue  # no epoch finished yet
+            cached = self._histories.get(run_id)
+            if cached is None or (run_id not in self._ended and epoch not in cached):
+                self._histories[run_id] = cached = self._history(run_id)
+                if status in _ENDED:
+                    self._ended.add(run_id)
+            if epoch in cached:
+                reached.append(cached)
+        return reached
+
+
+class _SiblingPruner(ABC):
+    """What both rules share: the run's own best so far, the siblings at the same epoch, the tags."""
+
+    rule = ""
+
+    def __init__(self, run_id: str, epochs: int, metric: str, siblings: Siblings,
+                 client: MlflowClient | None = None) -> None:
+        self.run_id, self.epochs, self.metric, self.siblings = run_id, epochs, metric, siblings
+        self.client = client  # where the detail tags go (an MlflowClient); None: nowhere (unit tests)
+        self.lower = lower_is_better(metric)
+        self.own: dict[int, float] = {}
+
+    @abstractmethod
+    def _decides_at(self, epoch: int) -> bool: ...
+
+    @abstractmethod
+    def _verdict(self, own: float, siblings: list[float]) -> float | None:
+        """The threshold the run falls short of (stop), or None (go on)."""
+
+    @abstractmethod
+    def _reason(self, epoch: int, own: float, threshold: float, count: int) -> str: ...
+
+    def after_epoch(self, metrics: EpochMetrics) -> str | None:
+        epoch = metrics.epoch
+        value = getattr(metrics, self.metric)
+        if value is None:
+            return None
+        if not self.own and epoch > 1:  # a resumed run: its earlier epochs are in the store
+            self.own = self.siblings.own_history()
+        self.own[epoch] = value
+        if epoch >= self.epochs or not self._decides_at(epoch):
+            return None
+        own = best_so_far(self.own, epoch, self.lower)
+        assert own is not None  # this epoch was just recorded
+        others = [best_so_far(h, epoch, self.lower) for h in self.siblings.histories_at(epoch)]
+        others_at = [v for v in others if v is not None]
+        threshold = self._verdict(own, others_at)
+        if threshold is None:
+            return None
+        reason = self._reason(epoch, own, threshold, len(others_at))
+        if self.client is not None:
+            details = {"pruned_rule": self.rule, "pruned_metric": self.metric,
+                       "pruned_value": f"{own:.6g}", "pruned_threshold": f"{threshold:.6g}",
+                       "pruned_siblings": str(len(others_at))}
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in details.items()])
+        return reason
+
+
+class MedianPruner(_SiblingPruner):
+    rule = "median"
+
+    def __init__(self, run_id: str, epochs: int, metric: str, siblings: Siblings, client: MlflowClient | None = None,
+                 warmup_epochs: int = 0, min_siblings: int = 3) -> None:
+        super().__init__(run_id, epochs, metric, siblings, client)
+        self.warmup_epochs, self.min_siblings = warmup_epochs, min_siblings
+
+    def _decides_at(self, epoch: int) -> bool:
+        return epoch > self.warmup_epochs
+
+    def _verdict(self, own: float, siblings: list[float]) -> float | None:
+        return median_verdict(own, siblings, self.lower, self.min_siblings)
+
+    def _reason(self, epoch: int, own: float, threshold: float, count: int) -> str:
+        return (f"median rule at epoch {epoch}: best {self.metric} so far {own:.4f} is "
+                f"{'above' if self.lower else 'below'} the median {threshold:.4f} of {count} sibling runs at that epoch")
+
+
+class AshaPruner(_SiblingPruner):
+    rule = "asha"
+
+    def __init__(self, run_id: str, epochs: int, metric: str, siblings: Siblings, client: MlflowClient | None = None,
+                 reduction_factor: int = 3, min_epoch: int = 1, min_siblings: int = 2) -> None:
+        super().__init__(run_id, epochs, metric, siblings, client)
+        self.reduction_factor, self.min_siblings = reduction_factor, min_siblings
+        self.rungs = asha_rungs(self.epochs, min_epoch, reduction_factor)
+
+    def _decides_at(self, epoch: int) -> bool:
+        return epoch in self.rungs
+
+    def _verdict(self, own: float, siblings: list[float]) -> float | None:
+        return asha_verdict(own, siblings, self.lower, self.reduction_factor, self.min_siblings)
+
+    def _reason(self, epoch: int, own: float, threshold: float, count: int) -> str:
+        n = count + 1
+        return (f"asha rung {self.rungs.index(epoch)} (epoch {epoch}): best {self.metric} so far {own:.4f} is not in "
+                f"the top {max(1, n // self.reduction_factor)} of {n} runs at this rung "
+                f"(needs {'<=' if self.lower else '>='} {threshold:.4f})")
+
+
 def make_pruner(cfg: DictConfig, run_id: str) -> Pruner:
-    """The pruner that `cfg` asks for, for the run `run_id`."""
-    return NeverPrune()
+    """The pruners that `cfg` asks for, for the run `run_id`: an Optuna trial's (hydra/sweeper=optuna), which
+    also reports each epoch to its study, and `cfg.prune`'s, from the sweep's runs in the store; the first
+    that says stop stops the run. Outside a sweep, none."""
+    pruners: list[Pruner] = []
+    if (trial := trial_pruner.from_environment(cfg, run_id)) is not None:
+        pruners.append(trial)
+    if (siblings := _sibling_pruner(cfg, run_id)) is not None:
+        pruners.append(siblings)
+    if not pruners:
+        return NeverPrune()
+    return pruners[0] if len(pruners) == 1 else FirstToStop(pruners)
+
+
+class FirstToStop:
+    """Every pruner hears every epoch (an Optuna trial must report each one); the first reason stops the run."""
+
+    def __init__(self, pruners: list[Pruner]) -> None:
+        self.pruners = pruners
+
+    def after_epoch(self, metrics: EpochMetrics) -> str | None:
+        reasons = [pruner.after_epoch(metrics) for pruner in self.pruners]
+        return next((reason for reason in reasons if reason), None)
+
+
+def _sibling_pruner(cfg: DictConfig, run_id: str) -> Pruner | None:
+    """`cfg.prune`'s rule over the sweep's runs in the store; None for prune=none or outside a sweep."""
+    rule = getattr(cfg.prune.name, "value", cfg.prune.name)
+    sweep_id = os.environ.get(tracking.SWEEP_ID_ENV)
+    if rule == "none" or not sweep_id:
+        return None
+    metric = getattr(cfg.select_metric, "value", cfg.select_metric)
+    store = tracking.store(tracking.resolve_tracking_uri(cfg))
+    siblings = Siblings(store, os.environ[tracking.EXPERIMENT_ID_ENV], sweep_id, run_id,
+                        os.environ.get(tracking.FINGERPRINT_ENV, ""), metric)
+    if rule == "median":
+        return MedianPruner(run_id, cfg.epochs, metric, siblings, store.client,
+                            warmup_epochs=cfg.prune.warmup_epochs, min_siblings=cfg.prune.min_siblings)
+    if rule == "asha":
+        return AshaPruner(run_id, cfg.epochs, metric, siblings, store.client, reduction_factor=cfg.prune.reduction_factor,
+                          min_epoch=cfg.prune.min_epoch, min_siblings=cfg.prune.min_siblings)
+    raise ValueError(f"prune={rule}: no such pruner; available: none, median, asha")
+
+
+def saved_seconds(epochs: int, pruned_epoch: int, train_seconds: float) -> float:
+    """The training a pruned run did not do: its remaining epochs at its own measured seconds per epoch."""
+    if pruned_epoch <= 0:
+        return 0.0
+    return max(0, epochs - pruned_epoch) * train_seconds / pruned_epoch
+

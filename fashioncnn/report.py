@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from fashioncnn import links
 from fashioncnn.results import (
-    DEFAULT_METRIC, ResultsError, check_metric, is_diverged, lower_is_better, mask, metric, not_config, param_value, rank,
+    DEFAULT_METRIC, ResultsError, check_metric, is_diverged, is_pruned, lower_is_better, mask, metric, not_config, param_value, rank,
     resolve_metric, select, tracking_uri,
 )
 from fashioncnn.tracking import PARENT_TAG, SWEEP_TAG
@@ -44,7 +44,7 @@ DISTINGUISHING = ("optim.lr", "epochs", "seed", "subset", "batch_size", "optim.n
 CSV_FIELDS = [
     "group", "rank", "best", "model", "param_count", "lr", "epochs", "seed", "batch_size", "train_seconds",
     "max_test_acc", "mean_test_acc", "test_acc_at_best", "seconds_to_90", "final_train_loss", "final_test_loss",
-    "final_test_acc", "epochs_logged", "status", "diverged", "experiment", "sweep_id", "parent_run_id", "retrained_from", "run_id",
+    "final_test_acc", "epochs_logged", "status", "diverged", "pruned", "experiment", "sweep_id", "parent_run_id", "retrained_from", "run_id",
 ]
 SUMMARY_FIELDS = ("max_test_acc", "mean_test_acc", "train_seconds", "final_train_loss", "final_test_loss", "test_acc_at_best")
 
@@ -77,6 +77,8 @@ class Row:
 
     @property
     def status(self) -> str:
+        if is_pruned(self.run):  # FINISHED in MLflow, stopped early by the sweep's pruner
+            return "PRUNED"
         return self.run.info.status + (", diverged" if is_diverged(self.run) else "")
 
     def value(self, name: str) -> Any:
@@ -89,7 +91,7 @@ class Row:
         simple = {
             "model": self.model, "lr": param_value(self.params.get("optim.lr")), "epochs": param_value(self.params.get("epochs")),
             "seed": param_value(self.params.get("seed")), "batch_size": param_value(self.params.get("batch_size")),
-            "status": self.run.info.status, "diverged": is_diverged(self.run), "experiment": self.experiment,
+            "status": self.run.info.status, "diverged": is_diverged(self.run), "pruned": is_pruned(self.run), "experiment": self.experiment,
             "sweep_id": self.tags.get(SWEEP_TAG, ""), "parent_run_id": self.tags.get(PARENT_TAG, ""),
             "retrained_from": self.tags.get("retrained_from", ""), "run_id": self.run.info.run_id,
             "epochs_logged": len(self.history.get("test_acc") or []), "group": self.group, "rank": self.rank, "best": self.best,
@@ -130,7 +132,8 @@ def parse_filter(text: str) -> tuple[str, bool, list[str]]:
 
 
 def keep(row: Row, filters: list[tuple[str, bool, list[str]]], statuses: set[str]) -> bool:
-    if statuses and row.run.info.status not in statuses and not ("DIVERGED" in statuses and is_diverged(row.run)):
+    if statuses and row.run.info.status not in statuses and not ("DIVERGED" in statuses and is_diverged(row.run)) \
+            and not ("PRUNED" in statuses and is_pruned(row.run)):
         return False
     for key, equal, values in filters:
         if any(_same(row.lookup(key), v) for v in values) != equal:
@@ -236,7 +239,7 @@ def by_config(rows: list[Row], metric_name: str) -> list[ConfigSummary]:
     """Finished runs that differ only in their seed, as one config: mean and sample standard deviation."""
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
-        if row.run.info.status == "FINISHED":
+        if row.run.info.status == "FINISHED" and not is_pruned(row.run):  # a pruned seed would drag its mean down
             key = tuple(sorted((k, v) for k, v in row.params.items() if not not_config(k)))
             groups.setdefault(key, []).append(row)
     if not any(len(members) > 1 for members in groups.values()):
@@ -389,8 +392,10 @@ def load_rows(client: Any, runs: list[Any]) -> list[Row]:
 
 def rank_rows(rows: list[Row], metric_name: str, lowest_first: bool | None) -> list[Row]:
     ordered = rank(rows, metric_name, lowest_first, score=lambda r: _num(r.value(metric_name)))
+    # The best is the first run that trained to the end: a pruned run is never the one to pick.
+    best = next((r for r in ordered if not is_pruned(r.run) and not math.isnan(_num(r.value(metric_name)))), None)
     for index, row in enumerate(ordered, 1):
-        row.rank, row.best = index, index == 1 and not math.isnan(_num(row.value(metric_name)))
+        row.rank, row.best = index, row is best
     for row, label in zip(ordered, label_runs(ordered)):
         row.label = label
     return ordered
@@ -535,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
                         help="keep runs whose KEY is one of the values (KEY!=VALUE: is not); repeatable")
     parser.add_argument("--status", action="append", default=[], metavar="STATUS[,STATUS]",
-                        help="keep runs with these statuses: FINISHED, FAILED, KILLED, RUNNING, DIVERGED")
+                        help="keep runs with these statuses: FINISHED, FAILED, KILLED, RUNNING, DIVERGED, PRUNED")
     parser.add_argument("--title", help="the report's title (default: the sources)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)")
     parser.add_argument("--no-artifacts", action="store_true", help="do not log the files to the sweep's parent run")

@@ -98,7 +98,8 @@ class GroupChoices:
         self._context = initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3")
         self._context.__enter__()
         base = compose(CONFIG_NAME, return_hydra_config=True)
-        self.groups = [g for g in reversed(list(base.hydra.runtime.choices)) if not g.startswith("hydra")]  # conv first
+        # conv first; a group of keys that are not carried (prune: how far a run went) is not replayed either
+        self.groups = [g for g in reversed(list(base.hydra.runtime.choices)) if not g.startswith("hydra") and g not in NOT_CARRIED]
         loader = GlobalHydra.instance().config_loader()
         self.owned: set[str] = set()
         for group in self.groups:

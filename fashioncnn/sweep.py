@@ -34,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 from fashioncnn import checkpoints, lease, links, preflight, tracking
 from fashioncnn import overrides as ov
 from fashioncnn.config import ConfigError, fingerprint_neutral, nested_not_learned_keys, not_learned_keys, ranking_metric
-from fashioncnn.results import rank
+from fashioncnn.prune import PRUNED_EPOCH_TAG, saved_seconds
+from fashioncnn.results import is_pruned, rank
 from fashioncnn.model import run_name
 from fashioncnn.train import precision_used, resolve_device
 from fashioncnn.tracking import mask_secrets
@@ -179,8 +180,11 @@ def _hydra(argv: list[str]) -> None:
     from fashioncnn.job import hydra_app
     from hydra_plugins.fashioncnn_plugins.plan_sweeper import PlanSweeper
 
-    # An editable install hides the plugin from Hydra's scan of hydra_plugins; registering is idempotent.
+    from hydra_plugins.fashioncnn_plugins.optuna_sweeper import OptunaSweeper
+
+    # An editable install hides the plugins from Hydra's scan of hydra_plugins; registering is idempotent.
     Plugins.instance().register(PlanSweeper)
+    Plugins.instance().register(OptunaSweeper)
     register_schema()
     sys.argv = [sys.argv[0], *argv]
     hydra_app()
@@ -243,13 +247,24 @@ def run(plan: Plan) -> int:
         pass
     finally:
         _launch_list = None
-    metric_name = plan_metric(plan)
-    rows = summarize(plan, parent.sweep_id, experiment_ids, metric_name)
+    return close_sweep(plan, parent, experiment_ids, interrupted, first.tracking_uri)
+
+
+def close_sweep(plan: Plan, parent: ParentRun, experiment_ids: Mapping[tuple[str, str], str],
+                interrupted: KeyboardInterrupt | None, tracking_uri: str, metric_name: str | None = None) -> int:
+    """The summary (read back from the store) on the parent run and in the terminal; the exit code."""
+    from fashioncnn.job import interrupted_exit_code
+
+    metric_name = metric_name or plan_metric(plan)
+    saved: dict[str, float] = {}
+    rows = summarize(plan, parent.sweep_id, experiment_ids, metric_name, saved)
     failed = any(row["status"] in FAILED_STATUSES for row in rows)
-    parent.close(rows, metric_name, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
+    parent.close(rows, metric_name, "KILLED" if interrupted else "FAILED" if failed else "FINISHED", saved)
     print(f"\nsweep {parent.sweep_id} (parent run {parent.run_id}):", flush=True)
-    print(summary_text(rows), flush=True)
-    local = not first.tracking_uri.startswith(("http://", "https://"))
+    print(summary_text(rows) if rows else "no jobs ran", flush=True)
+    if saved:
+        print(pruning_line(rows, saved), flush=True)
+    local = not tracking_uri.startswith(("http://", "https://"))
     print(f"in MLflow: {parent.url}" + ("  (start the UI with: make ui)" if local else ""), flush=True)
     if interrupted:
         return interrupted_exit_code(interrupted)
@@ -262,9 +277,11 @@ def run(plan: Plan) -> int:
 class ParentRun:
     """The sweep's parent run. The same sweep run again (same jobs) re-attaches to the same parent."""
 
-    def __init__(self, plan: Plan, store: tracking.Store, experiment_id: str) -> None:
+    def __init__(self, plan: Plan, store: tracking.Store, experiment_id: str, sweep_fingerprint: str | None = None,
+                 params: Mapping[str, str] | None = None, jobs: int | None = None) -> None:
+        # A sampled search (search.py) names itself by its study, its params by its space, its jobs by n_trials.
         self.store, self.experiment_id = store, experiment_id
-        self.sweep_fingerprint = hashlib.sha256(
+        self.sweep_fingerprint = sweep_fingerprint or hashlib.sha256(
             json.dumps(sorted(job.fingerprint for job in plan.jobs)).encode()
         ).hexdigest()[:16]
         earlier = store.search(experiment_id, f"tags.`{tracking.ROLE_TAG}` = 'parent' and "
@@ -280,32 +297,37 @@ class ParentRun:
             grid = mask_secrets(" ".join(ov.split_flags(typed)[0])) or "(defaults)"
             run = store.client.create_run(
                 experiment_id,
-                run_name=grid,  # the sweep's own grid, as typed: what the runs table shows for it
+                # The sweep's own grid, as typed: what the runs table shows for it. MLflow's SQL stores hold
+                # 250 characters (PostgreSQL refuses more; the command tag keeps the whole line).
+                run_name=grid if len(grid) <= 250 else grid[:249] + "…",
                 tags={
                     tracking.ROLE_TAG: "parent",
                     tracking.SWEEP_TAG: self.sweep_id,
                     "sweep_fingerprint": self.sweep_fingerprint,
                     "command": mask_secrets(shlex.join(["python", "-m", "fashioncnn", "-m", *typed])),
-                    "jobs": str(len(plan.jobs)),
+                    "jobs": str(len(plan.jobs) if jobs is None else jobs),
                 },
             )
             self.run_id = run.info.run_id
             self.reattached = False
-            store.client.log_batch(self.run_id, params=[Param(key, value) for key, value in swept_keys(plan).items()])
+            params = swept_keys(plan) if params is None else params
+            store.client.log_batch(self.run_id, params=[Param(key, value) for key, value in params.items()])
         self.base = links.ui_base_for(store.uri)
 
     @property
     def url(self) -> str:
         return links.run_url(self.base, self.experiment_id, self.run_id)
 
-    def close(self, rows: list[dict[str, str]], metric_name: str, status: str) -> None:
+    def close(self, rows: list[dict[str, str]], metric_name: str, status: str, saved: Mapping[str, float] | None = None) -> None:
         """The sweep's front page: the leaderboard as its description, its best figures, the summary files."""
         client = self.store.client
         client.log_text(self.run_id, summary_markdown(rows), "summary.md")
         client.log_text(self.run_id, summary_csv(rows), "summary.csv")
         client.set_tag(self.run_id, "mlflow.note.content", leaderboard(rows, metric_name, self.base, self.experiment_id))
-        counts = {status_: sum(row["status"] == status_ for row in rows) for status_ in ("FINISHED", "FAILED", "DIVERGED", "SKIPPED")}
+        counts = {status_: sum(row["status"] == status_ for row in rows) for status_ in ("FINISHED", "FAILED", "DIVERGED", "SKIPPED", "PRUNED")}
         metrics = {f"jobs_{name.lower()}": float(n) for name, n in counts.items()}
+        if saved:
+            metrics["prune_saved_seconds"] = sum(saved.values())
         ranked = ranked_rows(rows, metric_name)
         if ranked:
             best = ranked[0]
@@ -351,7 +373,11 @@ def summary_columns(metric_name: str) -> list[str]:
 
 def plan_metric(plan: Plan) -> str:
     """The run-level metric that ranks this sweep's runs: from its jobs' select_metric (the first job's if they differ)."""
-    return ranking_metric(getattr(plan.jobs[0].cfg.select_metric, "value", plan.jobs[0].cfg.select_metric))
+    return plan_metric_of(plan.jobs[0].cfg)
+
+
+def plan_metric_of(cfg: DictConfig) -> str:
+    return ranking_metric(getattr(cfg.select_metric, "value", cfg.select_metric))
 
 
 def ranked_rows(rows: list[dict[str, str]], metric_name: str) -> list[dict[str, str]]:
@@ -376,8 +402,11 @@ def leaderboard(rows: list[dict[str, str]], metric_name: str, base: str, experim
     return "\n".join(lines) + "\n"
 
 
-def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str], str], metric_name: str) -> list[dict[str, str]]:
-    """One row per job, read back from the store (one search per experiment): what happened, whoever ran it."""
+def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str], str], metric_name: str,
+              saved: dict[str, float] | None = None) -> list[dict[str, str]]:
+    """One row per job, read back from the store (one search per experiment): what happened, whoever ran it.
+
+    `saved`, when given, gets the training seconds each pruned run did not spend, by run id."""
     ran: dict[tuple[str, str], dict[str, Run]] = {}
     rows = []
     for job in plan.jobs:
@@ -399,6 +428,10 @@ def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str]
                 status = RUNNING_ELSEWHERE
             if run is not None and run.data.tags.get(tracking.DIVERGED_TAG) == "true":
                 status = "DIVERGED"
+        if run is not None and is_pruned(run):  # skipped on a re-run too, but never ranked
+            status = "PRUNED"
+            if saved is not None:
+                saved[run.info.run_id] = pruned_saving(run, job.cfg.epochs)
         metrics = run.data.metrics if run is not None else {}
         row = {"job": str(job.index), "model": job.model_name, "overrides": job.command, "status": status}
         for name in dict.fromkeys((metric_name, "test_acc_at_best", "max_test_acc")):
@@ -415,7 +448,22 @@ def _latest_elsewhere(job: PlannedJob, experiment_id: str) -> Run | None:
     return runs[0] if runs else None
 
 
+def pruned_saving(run: Run, epochs: int) -> float:
+    """A pruned run's remaining epochs at its own measured seconds per epoch."""
+    stopped = run.data.tags.get(PRUNED_EPOCH_TAG, "")
+    seconds = run.data.metrics.get("train_seconds")
+    return saved_seconds(epochs, int(stopped), seconds) if stopped.isdigit() and seconds is not None else 0.0
+
+
+def pruning_line(rows: list[dict[str, str]], saved: Mapping[str, float]) -> str:
+    trained = sum(float(row["seconds"]) for row in rows if row["seconds"])  # this sweep's runs, skipped ones included
+    return (f"pruning: {len(saved)} of {len(rows)} runs stopped early; {trained:.0f} s of training in all, about "
+            f"{sum(saved.values()):.0f} s saved (each pruned run's remaining epochs at its own seconds per epoch)")
+
+
 def _columns(rows: list[dict[str, str]]) -> list[str]:
+    if not rows:  # a search whose every trial was refused
+        return []
     return [column for column in rows[0] if column != "test_acc_at_best" or any(r[column] for r in rows)]
 
 
@@ -440,7 +488,8 @@ def summary_markdown(rows: list[dict[str, str]]) -> str:
 
 def summary_csv(rows: list[dict[str, str]]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=_columns(rows))
+    # _columns drops test_acc_at_best when no row has it (every job failed): its empty cells go too.
+    writer = csv.DictWriter(out, fieldnames=_columns(rows), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()

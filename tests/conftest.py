@@ -2,8 +2,13 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +56,74 @@ def runs_of(client: MlflowClient, experiment: str) -> list:
     found = client.get_experiment_by_name(experiment)
     assert found is not None, f"experiment {experiment!r} not in the store"
     return client.search_runs([found.experiment_id], max_results=1000)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, folder):
+    """`python -m fashioncnn.server ARGS`; returns the process once it has announced its URL."""
+    server = subprocess.Popen([sys.executable, "-m", "fashioncnn.server", "--dir", str(folder), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = []
+    while not output or not output[-1].startswith("MLflow tracking server:"):
+        line = server.stdout.readline()
+        assert line, "server exited:\n" + "".join(output)
+        output.append(line)
+    return server, output
+
+
+def stop_server(server):
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=60)
+
+
+have_postgres = shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The team server (`python -m fashioncnn.server`, PostgreSQL backend) on loopback, for the whole session: its URL."""
+    if not have_postgres:
+        pytest.skip("needs PostgreSQL (make test installs it: apt-get install postgresql)")
+    # PostgreSQL runs as its own user, which cannot enter pytest's private tmp folders.
+    folder = Path(tempfile.mkdtemp(prefix="fashioncnn-server-", dir="/tmp"))
+    folder.chmod(0o755)
+    port = free_port()
+    server, _ = start_server(["--port", str(port), "--postgres-port", str(free_port())], folder)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_server(server)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node SLURM cluster on 127.0.0.1 (fashioncnn.slurm_cluster), stopped after the session.
+
+    Debian's slurmctld, slurmd and munge are installed when missing; the tests skip only where that
+    cannot be done (no apt-get, neither root nor sudo).
+    """
+    from fashioncnn.slurm_cluster import Cluster, ClusterError, install_packages
+
+    try:
+        install_packages()
+    except ClusterError as error:
+        pytest.skip(f"no SLURM cluster: {error}")
+    # Outside pytest's base folder, which a concurrent pytest session may prune while this one runs.
+    folder = Path(tempfile.mkdtemp(prefix="fashioncnn-slurm-"))
+    cluster = Cluster(folder)
+    started = time.monotonic()
+    cluster.start()
+    print(f"\nSLURM cluster started in {time.monotonic() - started:.1f} s")
+    try:
+        yield cluster
+    finally:
+        stopping = time.monotonic()
+        cluster.stop()
+        print(f"\nSLURM cluster stopped in {time.monotonic() - stopping:.1f} s")
+        shutil.rmtree(folder, ignore_errors=True)

@@ -18,8 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from fashioncnn.data import DEBIAN_DIR
 
-from conftest import local_store, run_cli, runs_of
-from test_server import free_port, start_server, stop_server
+from conftest import free_port, local_store, run_cli, runs_of, start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")]
 

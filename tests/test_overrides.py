@@ -76,8 +76,9 @@ def test_old_speed_key_spellings_move_under_speed_with_a_notice():
 @pytest.mark.parametrize(
     "arg,message",
     [
-        ("conv=interval(1,3)", "conv=interval(1,3): interval(...) samples numbers, but 'conv' is a config group of named "
-                               "options (1, 2, 3); choose some: conv=a,b, range(...) or glob(...)"),
+        ("conv=interval(1,3)", "conv=interval(1,3): interval(...) samples a range, which a grid cannot list; sample it with "
+                               "hydra/sweeper=optuna (python -m fashioncnn -m hydra/sweeper=optuna ...), or choose options of "
+                               "'conv' (1, 2, 3): conv=a,b, range(...) or glob(...)"),
         ("lr=glob(9*)", "lr=glob(9*): matches no option of config group 'lr'; available: 0.0005, 0.001, 0.005, 0.01"),
         ("channels=glob(*,exclude=32.32)", "channels=glob(*,exclude=32.32): TypeError while evaluating"),
     ],
@@ -146,5 +147,6 @@ def test_the_command_line_takes_sweep_functions(tmp_path):
     assert not (tmp_path / "mlruns").exists()  # a dry run reads the store and never creates it
     bad = run_cli(["-m", "lr=interval(0.001,0.01)"], cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: lr=interval(0.001,0.01): interval(...) samples numbers, but 'lr' is a config group of named options "
-        "(0.0005, 0.001, 0.005, 0.01); choose some: lr=a,b, range(...) or glob(...)"]
+        "error: lr=interval(0.001,0.01): interval(...) samples a range, which a grid cannot list; sample it with "
+        "hydra/sweeper=optuna (python -m fashioncnn -m hydra/sweeper=optuna ...), or choose options of 'lr' "
+        "(0.0005, 0.001, 0.005, 0.01): lr=a,b, range(...) or glob(...)"]

@@ -2,10 +2,7 @@
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -18,33 +15,9 @@ from mlflow.tracking import MlflowClient
 from fashioncnn.data import DEBIAN_DIR
 from fashioncnn.server import _as_postgres_user, _postgres_bin
 
-from conftest import run_cli
+from conftest import free_port, have_postgres, run_cli, start_server, stop_server
 
-have_postgres = shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args, folder):
-    """`python -m fashioncnn.server ARGS`; returns the process once it has announced its URL."""
-    server = subprocess.Popen([sys.executable, "-m", "fashioncnn.server", "--dir", str(folder), *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    output = []
-    while not output or not output[-1].startswith("MLflow tracking server:"):
-        line = server.stdout.readline()
-        assert line, "server exited:\n" + "".join(output)
-        output.append(line)
-    return server, output
-
-
-def stop_server(server):
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=60)
 
 
 def test_basic_auth_server_refuses_anonymous_clients_and_takes_a_sweep_with_credentials(tmp_path):

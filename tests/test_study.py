@@ -97,7 +97,7 @@ def test_preset_mistakes_are_one_line_errors(tmp_path):
     (tmp_path / "study" / "mine.yaml").write_text("# @package _global_\nhydra:\n  sweeper:\n    params:\n      conv: interval(1,3)\n")
     cases = {
         ("-m", "+study=mine", f"hydra.searchpath=[file://{tmp_path}]"):
-            "conv=interval(1,3): interval(...) samples numbers, but 'conv' is a config group of named options (1, 2, 3)",
+            "conv=interval(1,3): interval(...) samples a range, which a grid cannot list; sample it with hydra/sweeper=optuna",
         ("+study=step2-lin",): "+study=step2-lin: defines a sweep over conv, lin, channels, lr, epochs; run it with -m: "
                                "python -m fashioncnn -m +study=step2-lin",
         ("-m", "+study=step9"): "study=step9: no option 'step9' in config group 'study'; available: m2-bn-flip-onecycle-10ep, step1-conv,",

@@ -16,7 +16,21 @@ from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import DictConfig, OmegaConf
+
+
+def instantiate_launcher(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> Launcher:
+    """The configured launcher. For SLURM, submitit (polling the jobs here, in the launching process) reads
+    job states from squeue where sacct fails: one line instead of a warning per poll."""
+    from hydra.core.plugins import Plugins
+
+    launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context, task_function=task_function, config=config)
+    if isinstance(launcher, SlurmLauncher):
+        from fashioncnn import slurm_states
+
+        slurm_states.install()
+    return launcher
 
 
 class PlanSweeper(Sweeper):
@@ -26,12 +40,8 @@ class PlanSweeper(Sweeper):
         self.launcher: Optional[Launcher] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        from hydra.core.plugins import Plugins
-
         self.config = config
-        self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config
-        )
+        self.launcher = instantiate_launcher(hydra_context, task_function, config)
 
     def sweep(self, arguments: List[str]) -> List[JobReturn]:
         from fashioncnn.sweep import launch_list

@@ -1,0 +1,106 @@
+"""`hydra/sweeper=optuna`: a sampled search, Optuna asking for trials and told what each trial's run came to.
+
+fashioncnn.search has planned the search (space, settings, study, parent run); this sweeper runs it:
+in batches of n_jobs, it asks the study for trials, composes and checks each trial's config with
+Hydra's config loader, and decides it as a grid job is decided (a FINISHED run of the same config is
+told to Optuna from the store instead of trained; an interrupted one resumes from its checkpoint). It
+launches the rest through the configured launcher, each with its decision and its trial in
+`hydra.job.env_set` (the job reports its selection metric per epoch to the trial, where Optuna's
+pruner judges it), then reads each trial's run back from the store and tells the study: the run's
+ranking metric, PRUNED for a pruned or diverged run, FAIL for a failed one. It stops when the study
+has n_trials complete or pruned trials, or when it has asked for as many trials as were missing when
+the command started (failed ones are made up by the next run of the command).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+
+class OptunaSweeper(Sweeper):
+    def __init__(self, n_trials: int = 20, sampler: str = "tpe", seed: Optional[int] = 0, pruner: str = "none",
+                 min_epochs: int = 1, startup_trials: int = 2, reduction_factor: int = 3, n_jobs: int = 1,
+                 storage: Optional[str] = None) -> None:
+        # The settings were read and checked when the search was planned (fashioncnn.search.Settings).
+        self.config: Optional[DictConfig] = None
+        self.launcher: Optional[Launcher] = None
+        self.hydra_context: Optional[HydraContext] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from hydra_plugins.fashioncnn_plugins.plan_sweeper import instantiate_launcher
+
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = instantiate_launcher(hydra_context, task_function, config)
+
+    def compose(self, overrides: List[str]) -> DictConfig:
+        """A trial's job config, as the launcher will compose it, checked as preflight checks a grid job."""
+        from fashioncnn import preflight
+        from fashioncnn.config import ConfigError
+
+        assert self.hydra_context is not None and self.config is not None
+        try:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(cfg):
+                del cfg["hydra"]
+            preflight.check_job(cfg)
+        except Exception as error:
+            raise ConfigError(preflight.explain(error, list(overrides))) from error
+        return cfg
+
+    def sweep(self, arguments: List[str]) -> List[JobReturn]:
+        from optuna.trial import TrialState
+
+        from fashioncnn import search as searching
+        from fashioncnn import tracking
+        from fashioncnn.config import ConfigError
+
+        assert self.config is not None and self.launcher is not None
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        search = searching.active()
+        study, returns = search.study, []
+        while search.to_ask() > 0:
+            runs = search.runs_by_fingerprint()
+            batch: list[tuple[Any, Any]] = []
+            for _ in range(search.to_ask()):
+                trial = study.ask(search.plan.distributions)
+                search.budget -= 1
+                searching.mark_owner(trial)
+                try:
+                    batch.append((trial, search.trial_job(trial, self.compose, runs)))
+                except ConfigError as error:
+                    search.rejected.append(f"trial #{trial.number}: not run: {error}")
+                    study.tell(trial, state=TrialState.FAIL)
+            launched: dict[str, Any] = {}  # fingerprint -> the trial that trains it in this batch
+            to_launch = []
+            for trial, job in batch:
+                if job.done is not None:
+                    status = search.tell(trial, job.done, told_from_store=True)
+                    log.info("trial #%d %s: already %s as run %s, told from the store", trial.number, job.command,
+                             status, job.done.info.run_id)
+                elif job.fingerprint not in launched:
+                    launched[job.fingerprint] = trial
+                    to_launch.append(search.launch_overrides(job, trial))
+            if to_launch:
+                first = min(trial.number for trial in launched.values())
+                returns += list(self.launcher.launch(to_launch, initial_job_idx=first))
+            ran = search.runs_by_fingerprint()
+            for trial, job in batch:
+                if job.done is None:
+                    # The newest run of this config in this sweep: the one just trained or resumed.
+                    run = next((r for r in ran.get(job.fingerprint, [])
+                                if r.data.tags.get(tracking.SWEEP_TAG) == search.parent.sweep_id), None)
+                    status = search.tell(trial, run, told_from_store=launched[job.fingerprint] is not trial)
+                    log.info("trial #%d %s: %s", trial.number, job.command, status)
+        return returns

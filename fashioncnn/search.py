@@ -1,0 +1,684 @@
+"""Sampled search with Optuna (`hydra/sweeper=optuna`): the search space, the study, its storage, its trials' runs.
+
+The command line's sweeps become Optuna distributions (`take_space`): on any key `interval(a,b)` is a
+float range (`int(interval(a,b))` an int range: Hydra reads interval's ends as floats unless cast),
+`tag(log, interval(a,b))` the same on a log
+scale, `choice(...)` and `a,b` a categorical, `range(a,b[,step])` an int (or stepped float) range. On a
+config group the values are option names: `choice`, `range`, `glob` and `a,b` as for a grid, and
+`interval(a,b)` means the options whose number lies within [a, b] (`lr=interval(0.001,0.01)` is the
+options 0.001, 0.005, 0.01), for groups whose every option sets one number equal to its name (conv,
+lin, lr; not channels, whose options set two). Everything else on the command line is fixed.
+
+The study is stored next to the tracking store (mlruns/optuna.db for a local sqlite store, or
+`hydra.sweeper.storage`), named after what it searches (space, fixed overrides, sampler, seed,
+pruner), so the same command run again resumes it: its finished trials count towards n_trials,
+trials a killed process left RUNNING are failed and queued again (their runs resume from their
+checkpoints), and the sweep's parent run re-attaches. Each trial is planned like a grid job
+(sweep.PlannedJob: fingerprint, skip a FINISHED run of the same config, resume one with a checkpoint)
+and launched by the sweeper (hydra_plugins/fashioncnn_plugins/optuna_sweeper.py) with the study and
+trial in `hydra.job.env_set`, where the job's pruner (fashioncnn/trial_pruner.py) reports to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import optuna
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, ValueType
+from hydra.errors import HydraException
+from mlflow.entities import Run
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from fashioncnn import overrides as ov
+from fashioncnn import checkpoints, preflight, sources, sweep, tracking
+from fashioncnn.config import ConfigError, register_schema
+from fashioncnn.model import run_name
+from fashioncnn.results import lower_is_better
+from fashioncnn.tracking import mask_secrets
+from fashioncnn.trial_pruner import PRUNER_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV, make_optuna_pruner, open_storage
+
+log = logging.getLogger(__name__)
+
+SWEEPER_OVERRIDE = "hydra/sweeper=optuna"
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = {"none": "none", "median": "median", "asha": "asha", "successive_halving": "asha", "sha": "asha"}
+# A study ranks trials by one metric in one experiment of one store: these cannot vary between trials.
+NOT_SEARCHABLE = ("experiment", "tracking_uri", "select_metric")
+STORAGE_FILE = "optuna.db"
+
+
+def selected(args: Sequence[str]) -> bool:
+    """Whether the command asks for the Optuna sweeper."""
+    return SWEEPER_OVERRIDE in ov.split_flags(args)[0]
+
+
+# ------------------------------------------------------------------------------------------- search space
+
+
+@dataclass
+class Param:
+    """One searched key: its Optuna distribution, and how a sampled value is written back as an override."""
+
+    key: str  # the override's key as typed, with any + prefix (conv, optim.lr, +foo)
+    typed: str  # the override as typed: conv=range(1,4)
+    distribution: BaseDistribution
+    group: bool = False  # values are option names of a config group
+
+    @property
+    def name(self) -> str:
+        return self.key.lstrip("+~")
+
+    def override(self, value: Any) -> str:
+        if self.group:
+            return ov.group_override(self.key, [str(value)])
+        return f"{self.key}={_value_text(value)}"
+
+    def describe(self) -> str:
+        d = self.distribution
+        if isinstance(d, CategoricalDistribution):
+            what = ("options " if self.group else "one of ") + ", ".join(str(c) for c in d.choices)
+        else:
+            kind = "float" if isinstance(d, FloatDistribution) else "int"
+            what = f"{kind} in [{d.low:g}, {d.high:g}]" + (" log scale" if d.log else "") + (f" step {d.step:g}" if d.step else "")
+        return f"{self.name}: {what}  ({self.typed})"
+
+
+def _value_text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    return text if ov._PLAIN.match(text) else ov.quote(text)
+
+
+def _parse(arg: str) -> Override | None:
+    try:
+        return OverridesParser.create().parse_override(arg)
+    except HydraException:
+        return None
+
+
+def numeric_options(group: str, names: Sequence[str], team_dirs: Sequence[Path] = ()) -> dict[str, float] | None:
+    """Each option's number when every option of the group sets exactly one number equal to its name, else None."""
+    roots = [sources.builtin_root(), *(d for d in team_dirs if d.is_dir())]
+    values = {}
+    for name in names:
+        path = next((root.joinpath(f"{group}/{name}.yaml") for root in roots if root.joinpath(f"{group}/{name}.yaml").is_file()), None)
+        if path is None:
+            return None
+        leaves = list(tracking.flatten(yaml.safe_load(path.read_text()) or {}))
+        number = ov._as_number(name)
+        if len(leaves) != 1 or number is None or isinstance(leaves[0][1], bool) or not isinstance(leaves[0][1], (int, float)) \
+                or float(leaves[0][1]) != number:
+            return None
+        values[name] = number
+    return values
+
+
+def _interval(arg: str, interval: IntervalSweep) -> tuple[float, float, bool]:
+    low, high, log_scale = interval.start, interval.end, "log" in (interval.tags or set())
+    if low is None or high is None or not low < high:
+        raise ConfigError(f"{arg}: an interval's low end must be below its high end (got {low:g} and {high:g}); "
+                          f"e.g. interval({min(low, high):g},{max(low, high):g})")
+    if log_scale and low <= 0:
+        raise ConfigError(f"{arg}: a log scale needs a low end above 0 (got {low:g}); e.g. tag(log, interval(1e-4,{high:g}))")
+    return low, high, log_scale
+
+
+def _param(arg: str, override: Override, options: Mapping[str, Sequence[str]], team_dirs: Sequence[Path]) -> Param:
+    key, value = override.get_key_element(), override._value
+    name = override.key_or_group
+    if name in NOT_SEARCHABLE:
+        raise ConfigError(f"{arg}: {name} cannot be searched (a study ranks its trials by one metric in one experiment "
+                          f"of one store); set it to one value, e.g. {name}={override.sweep_string_iterator().__next__()}")
+    if name in options:
+        if override.is_interval_sweep():
+            assert isinstance(value, IntervalSweep)
+            low, high, _ = _interval(arg, value)
+            numbers = numeric_options(name, options[name], team_dirs)
+            if numbers is None:
+                raise ConfigError(f"{arg}: interval(...) on a config group picks the options whose number lies in it, but the "
+                                  f"options of '{name}' ({', '.join(ov.sort_options(options[name]))}) are not each one number; "
+                                  f"choose some: {name}=choice(a,b), range(...) or glob(...)")
+            names = [option for option in ov.sort_options(numbers) if low <= numbers[option] <= high]
+            if not names:
+                raise ConfigError(f"{arg}: no option of config group '{name}' lies within [{low:g}, {high:g}]; "
+                                  f"available: {', '.join(ov.sort_options(options[name]))}")
+        else:
+            expanded = ov._expand(override, options[name])
+            if expanded is None or not expanded[0]:
+                raise ConfigError(f"{arg}: matches no option of config group '{name}'; available: {', '.join(ov.sort_options(options[name]))}")
+            names = list(dict.fromkeys(expanded[0]))
+            unknown = [n for n in names if n not in options[name]]
+            if unknown:
+                raise ConfigError(f"{name}={unknown[0]}: no option '{unknown[0]}' in config group '{name}'; "
+                                  f"available: {', '.join(ov.sort_options(options[name]))}")
+        return Param(key, arg, CategoricalDistribution(names), group=True)
+    if override.is_interval_sweep():
+        assert isinstance(value, IntervalSweep)
+        low, high, log_scale = _interval(arg, value)
+        if isinstance(value.start, int) and isinstance(value.end, int) and not isinstance(value.start, bool):
+            return Param(key, arg, IntDistribution(int(low), int(high), log=log_scale))
+        return Param(key, arg, FloatDistribution(float(low), float(high), log=log_scale))
+    if override.value_type == ValueType.RANGE_SWEEP:
+        assert isinstance(value, RangeSweep)
+        values = list(value.range())
+        if not values:
+            raise ConfigError(f"{arg}: an empty range")
+        if all(isinstance(v, int) for v in values) and len(values) > 1:
+            return Param(key, arg, IntDistribution(values[0], values[-1], step=values[1] - values[0]) if values[1] > values[0]
+                         else CategoricalDistribution(values))
+        return Param(key, arg, CategoricalDistribution(values))
+    if override.value_type in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP):
+        choices = list(dict.fromkeys(override.sweep_iterator()))
+        if not all(c is None or isinstance(c, (bool, int, float, str)) for c in choices):
+            raise ConfigError(f"{arg}: a search can choose numbers, strings, true/false or null, not lists or dicts")
+        return Param(key, arg, CategoricalDistribution(choices))
+    raise ConfigError(f"{arg}: hydra/sweeper=optuna searches interval(...), tag(log, interval(...)), choice(...), range(...) "
+                      "and a,b; glob(...) only on config groups")
+
+
+def take_space(args: Sequence[str], options: Mapping[str, Sequence[str]], team_dirs: Sequence[Path] = ()) -> tuple[list[Param], list[str]]:
+    """The command line's sweeps as the search space, and the rest of the arguments (fixed overrides, flags)."""
+    space: list[Param] = []
+    rest, skip_next = [], False
+    for arg in args:
+        if skip_next or arg.startswith("-"):
+            skip_next = arg in ov.FLAGS_WITH_VALUE
+            rest.append(arg)
+            continue
+        override = _parse(arg)
+        if override is None:
+            raise ConfigError(f"{arg}: {ov._parse_error(arg)}")
+        if override.is_hydra_override() or not override.is_sweep_override():
+            rest.append(arg)
+            continue
+        param = _param(arg, override, options, team_dirs)
+        if any(p.name == param.name for p in space):
+            raise ConfigError(f"{arg}: {param.name} is searched twice; give it once")
+        space.append(param)
+    if not space:
+        raise ConfigError("hydra/sweeper=optuna: nothing to search; give a key a range, e.g. optim.lr='tag(log, interval(1e-4,1e-2))' "
+                          "or conv=1,2,3")
+    return space, rest
+
+
+# ------------------------------------------------------------------------------------------- settings and storage
+
+
+@dataclass
+class Settings:
+    """hydra.sweeper.* of conf/hydra/sweeper/optuna.yaml, checked."""
+
+    n_trials: int = 20
+    sampler: str = "tpe"
+    seed: int | None = 0
+    pruner: str = "none"
+    min_epochs: int = 1
+    startup_trials: int = 2
+    reduction_factor: int = 3
+    n_jobs: int = 1
+    storage: str | None = None
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any]) -> Settings:
+        known = {k: node[k] for k in cls.__dataclass_fields__ if k in node}
+        settings = cls(**known)
+        for key in ("n_trials", "n_jobs", "min_epochs", "startup_trials"):
+            value = getattr(settings, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "startup_trials" else 1):
+                raise ConfigError(f"hydra.sweeper.{key}={value}: must be an integer >= {0 if key == 'startup_trials' else 1}")
+        if not isinstance(settings.reduction_factor, int) or settings.reduction_factor < 2:
+            raise ConfigError(f"hydra.sweeper.reduction_factor={settings.reduction_factor}: must be an integer >= 2")
+        if settings.sampler not in SAMPLERS:
+            raise ConfigError(f"hydra.sweeper.sampler={settings.sampler}: allowed: {', '.join(SAMPLERS)}")
+        if str(settings.pruner) not in PRUNERS:
+            raise ConfigError(f"hydra.sweeper.pruner={settings.pruner}: allowed: none, median, asha (successive halving)")
+        settings.pruner = PRUNERS[str(settings.pruner)]
+        if settings.seed is not None and (not isinstance(settings.seed, int) or isinstance(settings.seed, bool)):
+            raise ConfigError(f"hydra.sweeper.seed={settings.seed}: must be an integer or null")
+        return settings
+
+    def pruner_spec(self) -> str:
+        """The pruner as one string, for the jobs (make_optuna_pruner builds it again there)."""
+        return f"{self.pruner}:{self.min_epochs}:{self.startup_trials}:{self.reduction_factor}"
+
+    def describe_pruner(self) -> str:
+        if self.pruner == "median":
+            return f"median (after {self.startup_trials} finished trials, from epoch {self.min_epochs})"
+        if self.pruner == "asha":
+            return f"asha (successive halving: first rung at epoch {self.min_epochs}, reduction factor {self.reduction_factor})"
+        return "none"
+
+
+def storage_url(requested: str | None, tracking_uri: str) -> str:
+    """The study's RDB storage: hydra.sweeper.storage, else optuna.db in the folder of a local sqlite tracking store."""
+    if requested:
+        return requested
+    path = tracking.sqlite_path(tracking_uri)
+    if path is not None:
+        return f"sqlite:///{path.parent / STORAGE_FILE}"
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        folder = Path(tracking_uri[len("file:"):] if tracking_uri.startswith("file:") else tracking_uri)
+        return f"sqlite:///{folder.resolve() / STORAGE_FILE}"
+    what = "a tracking server" if tracking_uri.startswith(("http://", "https://")) else "a database tracking store"
+    raise ConfigError(f"tracking store {mask_secrets(tracking_uri)}: {what} needs hydra.sweeper.storage for the Optuna study, "
+                      "a database every worker reaches, e.g. hydra.sweeper.storage=postgresql://user:pass@dbhost/optuna")
+
+
+def storage_exists(url: str) -> bool:
+    return not url.startswith("sqlite:///") or Path(url[len("sqlite:///"):]).exists()
+
+
+# ------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class SearchPlan:
+    args: list[str]  # the command line as Hydra gets it, without the searched keys
+    typed: list[str]
+    space: list[Param]
+    fixed: list[str]  # the fixed job overrides (group options quoted)
+    settings: Settings
+    base: DictConfig  # the config of the first point of the space (experiment, store, select_metric)
+    tracking_uri: str
+    storage: str
+    study_name: str
+    metric: str  # the run-level metric a trial's value is (best_val_acc, ...)
+    counts: dict[str, int] = field(default_factory=dict)  # the study's trials by state, as planned
+
+    @property
+    def direction(self) -> str:
+        return "minimize" if lower_is_better(self.metric) else "maximize"
+
+    @property
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {p.name: p.distribution for p in self.space}
+
+    def target(self) -> int:
+        """Trials to reach: n_trials, or every point of the grid when that is fewer."""
+        if self.settings.sampler == "grid":
+            size = 1
+            for values in grid_space(self.space).values():
+                size *= len(values)
+            return min(self.settings.n_trials, size)
+        return self.settings.n_trials
+
+    def describe(self) -> str:
+        done = self.counts.get("COMPLETE", 0) + self.counts.get("PRUNED", 0)
+        seed = f" (seed {self.settings.seed})" if self.settings.seed is not None else ""
+        lines = [f"optuna search, study {self.study_name} in {mask_secrets(self.storage)}",
+                 f"sampler {self.settings.sampler}{seed}, pruner {self.settings.describe_pruner()}, "
+                 f"n_trials {self.settings.n_trials}, {self.settings.n_jobs} per batch, {self.direction} {self.metric}",
+                 "search space:", *(f"  {p.describe()}" for p in self.space),
+                 f"fixed: {ov.display_all(self.fixed) or '(defaults)'}"]
+        if self.target() < self.settings.n_trials:
+            lines.append(f"the grid has {self.target()} points: at most {self.target()} trials")
+        failed = self.counts.get("FAIL", 0)
+        lines.append(f"{done} of {self.target()} trials already done ({self.counts.get('COMPLETE', 0)} complete, "
+                     f"{self.counts.get('PRUNED', 0)} pruned" + (f"; {failed} failed, not counted" if failed else "")
+                     + f"), {max(self.target() - done, 0)} to run")
+        return "\n".join(lines)
+
+
+def grid_space(space: Sequence[Param]) -> dict[str, list[Any]]:
+    """Every value of each parameter, for sampler=grid (ConfigError for a continuous interval)."""
+    grid = {}
+    for p in space:
+        d = p.distribution
+        if isinstance(d, CategoricalDistribution):
+            grid[p.name] = list(d.choices)
+        elif d.step is None:
+            raise ConfigError(f"{p.typed}: sampler=grid needs values it can list; use range(...) or choice(...), or sampler=tpe")
+        else:
+            n = int(round((d.high - d.low) / d.step)) + 1
+            grid[p.name] = [d.low + i * d.step for i in range(n)]
+    return grid
+
+
+def _study_name(space: Sequence[Param], fixed: Sequence[str], settings: Settings, experiment: str) -> str:
+    """What the study searches, how, and with which fixed overrides: the same command, the same study."""
+    identity = {
+        "space": {p.name: repr(p.distribution) for p in space},
+        "fixed": sorted(ov.display(o) for o in fixed),
+        "sampler": settings.sampler, "seed": settings.seed, "pruner": settings.pruner_spec(),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{experiment}-{digest}"
+
+
+def _hydra_overrides(args: Sequence[str]) -> list[str]:
+    return [o for o in ov.split_flags(args)[0] if o.lstrip("+~").startswith("hydra")]
+
+
+def _job_overrides(args: Sequence[str]) -> list[str]:
+    return [o for o in ov.split_flags(args)[0] if not o.lstrip("+~").startswith("hydra")]
+
+
+def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequence[str]], space: list[Param]) -> SearchPlan:
+    """Check the search (settings, every value of the space composed), name its study, count its trials; writes nothing."""
+    if not ov.split_flags(args)[1]:
+        raise ConfigError(f"{SWEEPER_OVERRIDE}: a search runs many trials; add -m: python -m fashioncnn -m {' '.join(typed)}")
+    sweeper_node = _sweeper_config(args)
+    if sweeper_node.get("params"):  # a preset's grid; Hydra would hand it to the sweeper, which has no such key
+        raise ConfigError(f"{SWEEPER_OVERRIDE}: the preset's hydra.sweeper.params ({', '.join(sweeper_node['params'])}) is a grid; "
+                          "give a search space on the command line instead, e.g. conv=1,2,3 'optim.lr=interval(1e-4,1e-2)'")
+    settings = Settings.from_config(sweeper_node)
+    if settings.sampler == "grid":
+        grid_space(space)
+    fixed = _job_overrides(args)
+    hydra_args = _hydra_overrides(args)
+    # Every value of each searched key, the others at their first: bad options, unknown keys and models
+    # that do not fit are refused here, before anything runs (a combination can still fail as a trial).
+    first = {p.name: (p.distribution.choices[0] if isinstance(p.distribution, CategoricalDistribution) else p.distribution.low)
+             for p in space}
+    probes = [dict(first)]
+    for p in space:
+        d = p.distribution
+        for value in (d.choices if isinstance(d, CategoricalDistribution) else (d.low, d.high)):
+            if value != first[p.name]:
+                probes.append({**first, p.name: value})
+    jobs = preflight.compose_listed([hydra_args + fixed + [p.override(point[p.name]) for p in space] for point in probes], options)
+    base = jobs[0][1]
+    preflight.check_machine([cfg for _, cfg in jobs], runs_here=not any(
+        arg.startswith("hydra/launcher=") and "slurm" in arg for arg in args))
+    uri = tracking.resolve_tracking_uri(base)
+    storage = storage_url(settings.storage, uri)
+    try:
+        tracking.store(uri).check_reachable()
+    except OSError as error:
+        raise sweep._store_error(uri, base.experiment, error) from error
+    name = _study_name(space, fixed, settings, base.experiment)
+    search = SearchPlan(list(args), list(typed), space, fixed, settings, base, uri, storage, name, sweep.plan_metric_of(base))
+    search.counts = _existing_counts(storage, name)
+    return search
+
+
+def _sweeper_config(args: Sequence[str]) -> Mapping[str, Any]:
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    hydra_args = ov.split_flags(args)[0]  # all of them: a preset (+study=...) can set hydra.sweeper.* too
+    register_schema()
+    with initialize_config_module(config_module=preflight.CONFIG_MODULE, version_base="1.3"):
+        try:
+            loaded = GlobalHydra.instance().config_loader().load_configuration(preflight.CONFIG_NAME, hydra_args, run_mode=RunMode.MULTIRUN)
+        except Exception as error:
+            raise ConfigError(preflight.explain(error, hydra_args)) from error
+        node = OmegaConf.to_container(loaded.hydra.sweeper, resolve=True)
+    assert isinstance(node, dict)
+    return node
+
+
+def _existing_counts(storage: str, name: str) -> dict[str, int]:
+    """The study's trials by state, read without creating anything (a dry run stays a dry run)."""
+    if not storage_exists(storage):
+        return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(storage))
+    except KeyError:  # no such study yet
+        return {}
+    except Exception as error:
+        raise ConfigError(f"Optuna storage {mask_secrets(storage)} cannot be read: {str(error).splitlines()[0]}") from error
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+# ------------------------------------------------------------------------------------------- running it
+
+
+@dataclass
+class TrialJob(sweep.PlannedJob):
+    """A trial's job: launched with every override, shown (summary, leaderboard) by the values it sampled."""
+
+    sampled: int = 0  # how many of the overrides, at the end, the trial sampled
+
+    @property
+    def command(self) -> str:
+        return mask_secrets(ov.display_all(self.overrides[len(self.overrides) - self.sampled:])) or "(defaults)"
+
+
+class Search:
+    """A search under way: its study, parent run and trials, shared with the sweeper that asks and tells."""
+
+    def __init__(self, plan: SearchPlan, study: optuna.Study, parent: sweep.ParentRun, experiment_id: str) -> None:
+        self.plan, self.study, self.parent, self.experiment_id = plan, study, parent, experiment_id
+        self.jobs: dict[int, TrialJob] = {}  # trial number -> its job, this command's trials
+        self.rejected: list[str] = []  # trials whose sampled config could not be composed, one line each
+        # Trials this command may ask for: those missing when it started. A failed trial does not count
+        # towards n_trials, but is not made up within the same command (a config that always fails
+        # would loop); the next run of the command makes up for it.
+        self.budget = max(self.remaining(), 0)
+
+    @property
+    def store(self) -> tracking.Store:
+        return tracking.store(self.plan.tracking_uri)
+
+    def remaining(self) -> int:
+        counted = len(self.study.get_trials(deepcopy=False, states=counted_states()))
+        return self.plan.target() - counted
+
+    def to_ask(self) -> int:
+        """How many trials the next batch asks for: n_jobs, or fewer near the end."""
+        return max(min(self.plan.settings.n_jobs, self.remaining(), self.budget), 0)
+
+    def overrides(self, params: Mapping[str, Any]) -> list[str]:
+        return list(self.plan.fixed) + [p.override(params[p.name]) for p in self.plan.space]
+
+    def trial_job(self, trial: optuna.Trial, compose: Callable[[list[str]], DictConfig], runs: Mapping[str, list[Run]]) -> TrialJob:
+        """The trial as a planned job: composed and checked, its fingerprint, and what the store says of it."""
+        overrides = self.overrides(trial.params)
+        cfg = compose(overrides)
+        fp = sweep.fingerprint(cfg)
+        known = runs.get(fp, [])
+        done = None if cfg.force else next((r for r in known if r.info.status == "FINISHED"), None)
+        resume = None if done else next(
+            (r for r in known if r.info.status != "FINISHED" and checkpoints.exists(cfg, r.info.run_id)), None)
+        job = TrialJob(trial.number, overrides, cfg, fp, run_name(cfg), self.plan.tracking_uri, done, resume,
+                       sampled=len(self.plan.space))
+        for key, value in (("overrides", overrides), ("fingerprint", fp), ("model_name", job.model_name)):
+            trial.set_user_attr(key, value)
+        self.jobs[trial.number] = job
+        return job
+
+    def env(self, trial: optuna.Trial) -> list[str]:
+        """The trial, for the job's pruner: hydra.job.env_set entries."""
+        env = {STUDY_ENV: self.plan.study_name, STORAGE_ENV: self.plan.storage, TRIAL_ENV: str(trial._trial_id),
+               PRUNER_ENV: self.plan.settings.pruner_spec()}
+        return [f"++hydra.job.env_set.{key}={ov.quote(value)}" for key, value in env.items()]
+
+    def launch_overrides(self, job: sweep.PlannedJob, trial: optuna.Trial) -> list[str]:
+        return job.overrides + sweep.decision(job, self.experiment_id, self.parent.sweep_id, self.parent.run_id) + self.env(trial)
+
+    def runs_by_fingerprint(self) -> dict[str, list[Run]]:
+        return self.store.runs_by_fingerprint(self.experiment_id)
+
+    def tell(self, trial: optuna.Trial, run: Run | None, told_from_store: bool = False) -> str:
+        """Tell Optuna what the trial's run came to; returns the status as the summary shows it."""
+        if run is None:
+            self.study.tell(trial, state=TrialState.FAIL)
+            return "NOT RUN"
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        if told_from_store:
+            trial.set_user_attr("told_from_store", True)
+        tags, metrics = run.data.tags, run.data.metrics
+        if run.info.status != "FINISHED":
+            self.study.tell(trial, state=TrialState.FAIL)
+            return run.info.status
+        if tags.get(tracking.DIVERGED_TAG) == "true" or tags.get(tracking.PRUNED_TAG) == "true":
+            self.study.tell(trial, state=TrialState.PRUNED)
+            return "DIVERGED" if tags.get(tracking.DIVERGED_TAG) == "true" else "PRUNED"
+        if self.plan.metric not in metrics:
+            self.study.tell(trial, state=TrialState.FAIL)
+            return "FAILED"
+        self.study.tell(trial, metrics[self.plan.metric])
+        return "FINISHED"
+
+    def summary_plan(self, before: set[int]) -> sweep.Plan:
+        """The study's trials as a sweep plan: finished before this command (shown SKIPPED) and this command's."""
+        runs = {r.info.run_id: r for r in self.store.search(self.experiment_id, f"tags.{tracking.SWEEP_TAG} = '{self.parent.sweep_id}'")}
+        jobs = []
+        for trial in self.study.get_trials(deepcopy=False):
+            attrs = trial.user_attrs
+            if trial.number in self.jobs:
+                job = self.jobs[trial.number]
+                if attrs.get("told_from_store") and attrs.get("mlflow_run_id"):
+                    job.done = job.done or runs.get(attrs["mlflow_run_id"]) or self.store.client.get_run(attrs["mlflow_run_id"])
+                jobs.append(job)
+            elif trial.number in before and trial.state in counted_states() and "fingerprint" in attrs:
+                run_id = attrs.get("mlflow_run_id")
+                done = runs.get(run_id) if run_id else None
+                if done is None and run_id:
+                    done = self.store.client.get_run(run_id)
+                jobs.append(TrialJob(trial.number, list(attrs["overrides"]), self.plan.base, attrs["fingerprint"],
+                                     attrs["model_name"], self.plan.tracking_uri, done, None, len(self.plan.space)))
+        jobs.sort(key=lambda job: job.index)
+        return sweep.Plan(self.plan.args, self.plan.typed, True, jobs)
+
+
+_active: Search | None = None
+
+
+def active() -> Search:
+    """The search under way in this process (for the Optuna sweeper)."""
+    if _active is None:
+        raise RuntimeError("hydra/sweeper=optuna runs a fashioncnn search: run it with python -m fashioncnn -m hydra/sweeper=optuna ...")
+    return _active
+
+
+def counted_states() -> tuple:
+    """COMPLETE and PRUNED trials count towards n_trials; failed ones do not (a re-run makes up for them)."""
+    return (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def _sampler(settings: Settings, space: Sequence[Param], trials_so_far: int) -> optuna.samplers.BaseSampler:
+    """The sampler, its seed moved on by the study's trials: a resumed study seeded afresh with the same
+    seed would draw its first random points again (duplicates, told from the store but never new)."""
+    seed = None if settings.seed is None else settings.seed + trials_so_far
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if settings.sampler == "grid":
+        return AskTellGridSampler(grid_space(space), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler without its study.stop() once the grid is covered: stop() works only inside
+    study.optimize, and under ask/tell it raises before the last trial's state is saved. The sweeper
+    stops by itself at the grid's size (SearchPlan.target)."""
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        return None
+
+
+def _recover_interrupted(study: optuna.Study) -> int:
+    """Trials left RUNNING by a sweeper process that is gone (kill -9, a lost machine): failed, and their
+    parameters queued again, so their runs resume from their checkpoints. Returns how many."""
+    host = socket.gethostname()
+    recovered = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner_host, owner_pid = trial.user_attrs.get("sweeper_host"), trial.user_attrs.get("sweeper_pid")
+        if owner_host == host and owner_pid is not None and _alive(int(owner_pid)):
+            continue  # another command on this machine is running it now
+        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        if trial.params:
+            study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
+        recovered += 1
+    return recovered
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_owner(trial: optuna.Trial) -> None:
+    trial.set_user_attr("sweeper_host", socket.gethostname())
+    trial.set_user_attr("sweeper_pid", os.getpid())
+
+
+def run(search_plan: SearchPlan) -> int:
+    """Run the search to n_trials; returns the exit code as sweep.run does."""
+    global _active
+    from fashioncnn.job import handle_sigterm
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    store = tracking.store(search_plan.tracking_uri)
+    try:
+        experiment_id = store.experiment_id(search_plan.base.experiment, create=True)
+    except Exception as error:
+        raise sweep._store_error(search_plan.tracking_uri, search_plan.base.experiment, error) from error
+    assert experiment_id is not None
+    try:
+        study = optuna.create_study(
+            study_name=search_plan.study_name, storage=open_storage(search_plan.storage), direction=search_plan.direction,
+            sampler=_sampler(search_plan.settings, search_plan.space, sum(search_plan.counts.values())),
+            pruner=make_optuna_pruner(search_plan.settings.pruner_spec()), load_if_exists=True)
+    except Exception as error:
+        raise ConfigError(f"Optuna storage {mask_secrets(search_plan.storage)} cannot be used: {str(error).splitlines()[0]}") from error
+    study.set_user_attr("command", mask_secrets(" ".join(search_plan.typed)))
+    recovered = _recover_interrupted(study)
+    before = {t.number for t in study.get_trials(deepcopy=False)}
+    handle_sigterm()
+    summary_plan = sweep.Plan(search_plan.args, search_plan.typed, True, [])
+    parent = sweep.ParentRun(summary_plan, store, experiment_id, sweep_fingerprint=search_plan.study_name,
+                             params={p.name: p.typed.split("=", 1)[1] for p in search_plan.space},
+                             jobs=search_plan.settings.n_trials)
+    parent.store.client.set_tag(parent.run_id, "optuna.study", search_plan.study_name)
+    _active = Search(search_plan, study, parent, experiment_id)
+    done = len(study.get_trials(deepcopy=False, states=counted_states()))
+    print(f"search {parent.sweep_id}: study {search_plan.study_name}, {done} of {search_plan.target()} trials already done"
+          + (f", {recovered} interrupted trial(s) queued again" if recovered else "")
+          + (" (re-attached to its parent run)" if parent.reattached else ""), flush=True)
+    interrupted = None
+    try:
+        sweep._hydra(search_plan.args)
+    except KeyboardInterrupt as stop:
+        interrupted = stop
+        parent.kill_unfinished_jobs()
+    except SystemExit:
+        pass
+    finally:
+        search, _active = _active, None
+    for line in search.rejected:
+        print(line, flush=True)
+    result_plan = search.summary_plan(before)
+    best = _best_line(study)
+    code = sweep.close_sweep(result_plan, parent, {(search_plan.tracking_uri, search_plan.base.experiment): experiment_id},
+                             interrupted, search_plan.tracking_uri, search_plan.metric)
+    if best:
+        print(best, flush=True)
+    return 1 if code == 0 and search.rejected else code
+
+
+def _best_line(study: optuna.Study) -> str:
+    try:
+        best = study.best_trial
+    except ValueError:
+        return ""
+    return f"best trial #{best.number}: {best.value:.4f} with {', '.join(f'{k}={v}' for k, v in best.params.items())}"
