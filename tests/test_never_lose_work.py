@@ -8,6 +8,7 @@ through config keys.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from fashioncnn.data import DEBIAN_DIR
 
-from conftest import free_port, local_store, run_cli, runs_of, start_server, stop_server
+from conftest import free_port, local_store, run_cli, runs_of, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")]
 
@@ -50,6 +51,12 @@ def popen_cli(args, cwd, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def kill_server(process) -> None:
+    """kill -9 of the server and its children: what an outage looks like (and no graceful wait of 30 s)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+
+
 @pytest.fixture
 def server(tmp_path):
     port = free_port()
@@ -58,7 +65,7 @@ def server(tmp_path):
     handle = {"port": port, "folder": folder, "process": process, "uri": f"http://127.0.0.1:{port}"}
     yield handle
     if handle["process"].poll() is None:
-        stop_server(handle["process"])
+        kill_server(handle["process"])
 
 
 def test_a_job_killed_on_one_machine_resumes_on_another_through_the_server(tmp_path, server):
@@ -147,7 +154,7 @@ def test_training_outlives_a_tracking_server_outage(tmp_path, server):
     while not first_epoch_logged():
         assert time.monotonic() < deadline and sweep.poll() is None, sweep.communicate()[0][-3000:]
         time.sleep(0.3)
-    stop_server(server["process"])
+    kill_server(server["process"])
     time.sleep(20)  # far beyond MLflow's (shortened) retry budget; the first job trains on meanwhile
     server["process"], _ = start_server(["--backend", "sqlite", "--port", str(server["port"])], server["folder"])
     output = sweep.communicate(timeout=600)[0]
@@ -172,7 +179,7 @@ def test_a_job_fails_in_one_line_when_the_server_stays_away_and_keeps_its_checkp
     while not (client.get_experiment_by_name("gone") and any(steps(client, r.info.run_id, "test_acc") for r in jobs_of(client, "gone"))):
         assert time.monotonic() < deadline and job.poll() is None, job.communicate()[0][-3000:]
         time.sleep(0.2)
-    stop_server(server["process"])
+    kill_server(server["process"])
     output = job.communicate(timeout=300)[0]
     assert job.returncode == 1, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("error:")]
