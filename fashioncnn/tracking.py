@@ -414,4 +414,19 @@ def log_datasets(data: FashionMNIST, subset: int | None) -> None:
         # Each split is its own dataset: MLflow keeps one input per dataset and run, whatever its context.
         digest = hashlib.sha256(f"{data.digest}/{context}/{len(data.val_labels)}/{subset}".encode()).hexdigest()[:16]
         tags = {"images": str(count)} | ({"subset": str(subset)} if context == "train" and subset is not None else {})
-        mlflow.log_input(MetaDataset(source, name=f"fashion-mnist-{context}", digest=digest), context=context, tags=tags)
+        _log_input_once_created(MetaDataset(source, name=f"fashion-mnist-{context}", digest=digest), context, tags)
+
+
+def _log_input_once_created(dataset: Any, context: str, tags: dict[str, str], attempts: int = 4) -> None:
+    """mlflow.log_input, again when it loses a race: two jobs logging the same new dataset at the same moment
+    both insert it, and the store refuses the second (PostgreSQL: "duplicate key ... dataset_pk"); the next
+    attempt finds the dataset and only links the run to it."""
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context, tags=tags)
+            return
+        except mlflow.exceptions.MlflowException as error:
+            lost_race = "dataset_pk" in str(error) or "UNIQUE constraint failed: datasets" in str(error)
+            if not lost_race or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))

@@ -3,6 +3,8 @@ and metrics, and the divergence guard at the issue's lr=1e6."""
 
 import time
 
+import pytest
+
 import torch
 from mlflow.entities import Run, RunData, RunInfo, RunTag
 
@@ -47,3 +49,28 @@ def test_the_issues_lr_1e6_run_is_stopped_as_diverged():
     result = train(cfg, build_model(ModelSpec.from_config(cfg.model)), tiny_data(), CPU)
     assert result.diverged and "above divergence.max_loss=100" in result.diverged, result.diverged  # finite (2.5e28), above chance
     assert len(result.history) == 1
+
+
+def test_a_dataset_insert_lost_to_a_concurrent_job_is_retried_and_other_errors_are_not(monkeypatch):
+    # Two SLURM jobs of one sweep logging the same new dataset at once: PostgreSQL refused the second insert.
+    import mlflow
+
+    from fashioncnn import tracking
+
+    calls = []
+
+    def log_input(dataset, context, tags):
+        calls.append(context)
+        if len(calls) == 1:
+            raise mlflow.exceptions.MlflowException('duplicate key value violates unique constraint "dataset_pk"')
+
+    monkeypatch.setattr(mlflow, "log_input", log_input)
+    tracking._log_input_once_created(object(), "train", {})
+    assert calls == ["train", "train"]
+
+    def refuse(dataset, context, tags):
+        raise mlflow.exceptions.MlflowException("RESOURCE_DOES_NOT_EXIST: run gone")
+
+    monkeypatch.setattr(mlflow, "log_input", refuse)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="run gone"):
+        tracking._log_input_once_created(object(), "train", {})

@@ -101,7 +101,7 @@ def test_scancel_mid_epoch_ends_the_run_killed_and_the_same_command_resumes_it_w
     slurm_cluster.command("scancel", task)
     output, _ = sweep.communicate(timeout=300)
     assert sweep.returncode == 1, output[-4000:]
-    assert "2 jobs: 1 finished, 1 killed" in output
+    assert "2 jobs: 1 finished, 1 killed" in output, output[-4000:]
 
     killed = client.get_run(run.info.run_id)
     assert killed.info.status == "KILLED", killed.info.status
