@@ -81,6 +81,7 @@ def test_bad_values_fail_with_one_line_naming_key_value_and_what_is_allowed(args
     assert "\n" not in text
 
 
+@pytest.mark.slow
 def test_a_bad_sweep_is_refused_before_any_job_trains(tmp_path):
     # conv=2 and conv=3 would be fine; conv=4 in the same sweep refuses the whole sweep up front.
     result = run_cli(["-m", "model.conv=2,3,4", "subset=64", "epochs=1"], cwd=tmp_path)

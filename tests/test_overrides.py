@@ -103,6 +103,7 @@ def test_group_options_come_from_every_source(tmp_path):
     assert group_options([tmp_path])["conv"] == ["1", "2", "3", "9"]
 
 
+@pytest.mark.slow
 def test_sweep_functions_compose_on_every_study_group():
     assert models("-m", "conv=range(1,4)") == ["M1.2.32.32", "M2.2.32.32", "M3.2.32.32"]
     assert models("-m", "conv=glob(*)", "lin=choice(2,4)") == sorted(f"M{c}.{l}.32.32" for c in (1, 2, 3) for l in (2, 4))
@@ -114,6 +115,7 @@ def test_sweep_functions_compose_on_every_study_group():
     assert [o for o, _ in jobs_of(["-m", "lr=sort(0.01,0.0005)"])] == [["lr='0.0005'"], ["lr='0.01'"]]
 
 
+@pytest.mark.slow
 def test_sweep_functions_in_a_preset(tmp_path):
     (tmp_path / "study").mkdir()
     (tmp_path / "study" / "grid.yaml").write_text(

@@ -68,6 +68,7 @@ def test_selection_settings_are_checked_before_training(args, message):
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_the_studys_protocol_and_the_old_runs_keep_their_fingerprints():
     study = compose("val_size=0", "select_metric=test_acc")
     # val_size=0 and the selection metric leave the fingerprint as it was before either existed
@@ -182,6 +183,7 @@ def test_the_registry_takes_the_best_configuration_by_its_mean(tmp_path):
     assert best.runs[0].data.params["optim.lr"] == "0.001" and best.n == 3
 
 
+@pytest.mark.slow
 def test_the_report_says_whether_the_top_two_differ_by_more_than_seed_noise(tmp_path):
     from fashioncnn import report
 

@@ -221,6 +221,7 @@ def test_weight_first_linear_trains_to_the_same_metrics_up_to_rounding():
         assert (train_acc, test_acc) == pytest.approx((expected[1], expected[3]), abs=2 / 64)
 
 
+@pytest.mark.slow
 def test_bench_times_the_naive_loop_in_a_process_of_its_own(tiny_dataset, monkeypatch):
     # The naive reference must run as a user's script runs: its own process, none of the package's
     # process-wide settings (reuse_memory's malloc setting, made here as train() makes it).

@@ -45,6 +45,7 @@ def test_team_options_compose_and_clashes_are_explained(team_dir):
     ]
 
 
+@pytest.mark.slow
 def test_a_missing_config_dir_is_one_line(tmp_path):
     result = run_cli(["--config-dir", str(tmp_path / "nope"), "--dry-run"], cwd=tmp_path)
     assert result.returncode == 2
