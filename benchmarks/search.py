@@ -14,9 +14,17 @@
 
 Every command runs as a user runs it (`python -m fashioncnn -m ...` in a subprocess, in a working
 directory of its own, so each gets its own ./mlruns); a command that fails is recorded (exit code, the
-end of its output) and the benchmark goes on. Results: benchmarks/results-search.json.
+end of its output) and the benchmark goes on. Results: benchmarks/results-search.json, rewritten after
+every step.
 
-    python benchmarks/search.py                                   # full size: hours on a 2-core CPU
+At full size this is hours of CPU, so it can be stopped and continued, the way a user's sweep is: stop
+it with Ctrl-C or SIGTERM (passed on to the running command, whose runs end KILLED with their
+checkpoints), and run the same command with the same --workdir again. Steps that ended are not run
+again; the interrupted one is re-run, and the package resumes its runs from their last epoch. A step's
+wall time is then the sum over its invocations (their count is recorded); its training time, the sum
+of its runs' train_seconds, counts each finished epoch once.
+
+    python benchmarks/search.py --workdir ~/search-bench          # full size: hours on a 2-core CPU
     python benchmarks/search.py --subset 1000 --epochs 2 --trials 3 --out /tmp/search.json   # a smoke test
 """
 
@@ -27,35 +35,91 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results-search.json"
 GRID_PRUNERS = ("none", "median", "asha")
-OPTUNA_SPACE = ["conv=1,2,3", "lin=2,3,4", "channels=glob(*)", "optim.lr=tag(log,interval(1e-4,1e-2))"]
+# The step-3 grid's space, with the learning rate sampled too, so that the search's best can be set
+# against the grid's. (conv=1 and channels 32.32 would add models of 30-100 M parameters, hours on a CPU.)
+OPTUNA_SPACE = ["conv=2,3", "lin=2,3,4", "channels=16.32,32.64,64.128", "optim.lr=tag(log,interval(1e-4,1e-2))"]
 
 
-def fashioncnn(args: list[str], cwd: Path) -> dict[str, Any]:
-    """Run `python -m fashioncnn ARGS` in `cwd`; its wall time, exit code and the end of its output."""
+class Stopped(Exception):
+    """The benchmark was interrupted; the command it ran was stopped the way a user stops a sweep."""
+
+
+def fashioncnn(args: list[str], cwd: Path, progress: Progress, step: str) -> dict[str, Any]:
+    """Run `python -m fashioncnn ARGS` in `cwd` until it ends by itself, over as many invocations of
+    the benchmark as that takes; its wall time (summed), exit code and the end of its output."""
+    if progress.ended(step):
+        print(f"{step}: ended in an earlier invocation, not run again", flush=True)
+        return progress.outcome(step)
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     env["PYTHONUNBUFFERED"] = "1"
     cwd.mkdir(parents=True, exist_ok=True)
-    print(f"$ (cd {cwd} && python -m fashioncnn {' '.join(args)})", flush=True)
+    log = cwd / f"output-{step}-{int(time.time())}.log"
+    print(f"$ (cd {cwd} && python -m fashioncnn {' '.join(args)})   # output: {log}", flush=True)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "fashioncnn", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    with log.open("w") as out:
+        child = subprocess.Popen([sys.executable, "-m", "fashioncnn", *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        stop = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        # Ctrl-C reaches the child through the terminal; SIGTERM to this script alone is passed on
+        signal.signal(signal.SIGINT, lambda *_: None)
+        signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+        try:
+            code = child.wait()
+        finally:
+            signal.signal(signal.SIGINT, stop[0])
+            signal.signal(signal.SIGTERM, stop[1])
     wall = time.perf_counter() - started
-    (cwd / f"output-{int(time.time())}.log").write_text(done.stdout + done.stderr)
-    summary = [line for line in done.stdout.splitlines() if line.startswith(("pruning:", "sweep "))]
-    print(f"  exit {done.returncode} after {wall:.0f} s" + "".join(f"\n  {line}" for line in summary), flush=True)
-    return {"command": "python -m fashioncnn " + " ".join(args), "exit_code": done.returncode, "wall_seconds": round(wall, 1),
-            **({"output_tail": (done.stdout + done.stderr)[-3000:]} if done.returncode not in (0, 1) else {})}
+    output = log.read_text()
+    progress.record(step, args, code, wall, output[-3000:] if code not in (0, 1) else None)
+    summary = [line for line in output.splitlines() if line.startswith(("pruning:", "sweep "))]
+    print(f"  exit {code} after {wall:.0f} s" + "".join(f"\n  {line}" for line in summary), flush=True)
+    if code in INTERRUPTED:
+        raise Stopped(f"{step} interrupted (exit {code}); run the same command again to continue")
+    return progress.outcome(step)
+
+
+INTERRUPTED = (130, 143, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL)
+
+
+class Progress:
+    """What each step's invocations did, kept in the workdir so that a stopped benchmark continues."""
+
+    def __init__(self, workdir: Path, settings: dict[str, Any]) -> None:
+        self.path = workdir / "progress.json"
+        saved = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if saved and saved.get("settings") != settings:
+            raise SystemExit(f"error: {workdir} holds a benchmark with other settings ({saved.get('settings')}); "
+                             "give another --workdir, or --fresh to start again")
+        self.steps: dict[str, list[dict[str, Any]]] = saved.get("steps", {})
+        self.settings = settings
+
+    def record(self, step: str, args: list[str], code: int, wall: float, tail: str | None) -> None:
+        entry = {"exit_code": code, "wall_seconds": round(wall, 1), "ended": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 "load_average_at_end": round(os.getloadavg()[0], 1), **({"output_tail": tail} if tail else {})}
+        self.steps.setdefault(step, []).append({"command": "python -m fashioncnn " + " ".join(args), **entry})
+        self.path.write_text(json.dumps({"settings": self.settings, "steps": self.steps}, indent=1) + "\n")
+
+    def ended(self, step: str) -> bool:
+        return bool(self.steps.get(step)) and self.steps[step][-1]["exit_code"] not in INTERRUPTED
+
+    def outcome(self, step: str) -> dict[str, Any]:
+        invocations = self.steps[step]
+        last = invocations[-1]
+        return {"command": last["command"], "exit_code": last["exit_code"],
+                "wall_seconds": round(sum(i["wall_seconds"] for i in invocations), 1), "invocations": len(invocations),
+                **({"output_tail": last["output_tail"]} if "output_tail" in last else {})}
 
 
 def store_figures(cwd: Path, experiment: str) -> dict[str, Any]:
@@ -93,13 +157,13 @@ def store_figures(cwd: Path, experiment: str) -> dict[str, Any]:
     return figures
 
 
-def grid(workdir: Path, subset: int | None, epochs: int | None) -> dict[str, Any]:
+def grid(workdir: Path, subset: int | None, epochs: int | None, progress: Progress, results: dict[str, Any], save: Callable[[], None]) -> None:
     shrink = ([f"subset={subset}"] if subset else []) + ([f"epochs={epochs}"] if epochs else [])
-    results: dict[str, Any] = {}
     for rule in GRID_PRUNERS:
         cwd = workdir / f"grid-{rule}"
-        run = fashioncnn(["-m", "+study=step3-channels", f"prune={rule}", *shrink], cwd)
+        run = fashioncnn(["-m", "+study=step3-channels", f"prune={rule}", *shrink], cwd, progress, f"grid-{rule}")
         results[rule] = run | store_figures(cwd, "study-step3-channels")
+        save()
     full = results["none"]
     for rule in GRID_PRUNERS[1:]:
         pruned = results[rule]
@@ -112,22 +176,22 @@ def grid(workdir: Path, subset: int | None, epochs: int | None) -> dict[str, Any
                 "train_time_fraction": round(pruned["train_seconds"] / full["train_seconds"], 3),
                 "wall_time_fraction": round(pruned["wall_seconds"] / full["wall_seconds"], 3),
             }
-    return results
+    save()
 
 
-def optuna(workdir: Path, subset: int | None, epochs: int, trials: int, pruner: str, prune: str) -> dict[str, Any]:
+def optuna(workdir: Path, subset: int | None, epochs: int, trials: int, pruner: str, prune: str, progress: Progress,
+           results: dict[str, Any], save: Callable[[], None]) -> None:
     cwd = workdir / "optuna"
     args = ["-m", "hydra/sweeper=optuna", f"hydra.sweeper.n_trials={trials}", "hydra.sweeper.sampler=tpe",
             "hydra.sweeper.seed=0", f"hydra.sweeper.pruner={pruner}", *OPTUNA_SPACE, f"prune={prune}", f"epochs={epochs}", "experiment=search-optuna",
             *([f"subset={subset}"] if subset else [])]
-    first = fashioncnn(args, cwd) | store_figures(cwd, "search-optuna")
-    again = fashioncnn(args, cwd) | store_figures(cwd, "search-optuna")
-    return {
-        "first": first,
-        "again": again,
-        "again_trained_runs": again.get("runs", 0) - first.get("runs", 0),
-        "same_best": bool(first.get("best")) and first.get("best") == again.get("best"),
-    }
+    results["first"] = fashioncnn(args, cwd, progress, "optuna-first") | store_figures(cwd, "search-optuna")
+    save()
+    results["again"] = again = fashioncnn(args, cwd, progress, "optuna-again") | store_figures(cwd, "search-optuna")
+    first = results["first"]
+    results["again_trained_runs"] = again.get("runs", 0) - first.get("runs", 0)
+    results["same_best"] = bool(first.get("best")) and first.get("best") == again.get("best")
+    save()
 
 
 def machine() -> dict[str, Any]:
@@ -150,20 +214,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optuna-prune", default="none", choices=GRID_PRUNERS,
                         help="the search's prune=, the store's pruner (default: %(default)s)")
     parser.add_argument("--only", choices=("grid", "optuna"), help="run one of the two parts")
-    parser.add_argument("--workdir", type=Path, help="where the stores go (default: a new temporary directory, kept)")
+    parser.add_argument("--workdir", type=Path, help="where the stores go; the same one again continues a stopped benchmark "
+                                                     "(default: a new temporary directory, kept)")
+    parser.add_argument("--fresh", action="store_true", help="delete what --workdir holds from an earlier benchmark first")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file (default: %(default)s)")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fashioncnn-search-"))
-    for part in ("grid-none", "grid-median", "grid-asha", "optuna"):  # fresh stores: nothing skipped from a last time
-        shutil.rmtree(workdir / part, ignore_errors=True)
-    print(f"stores under {workdir}", flush=True)
-    results: dict[str, Any] = {"machine": machine(), "settings": {"subset": args.subset, "epochs": args.epochs or 5,
-                                                                   "trials": args.trials, "workdir": str(workdir)}}
-    if args.only in (None, "grid"):
-        results["step3_grid"] = grid(workdir, args.subset, args.epochs)
-    if args.only in (None, "optuna"):
-        results["optuna_search"] = optuna(workdir, args.subset, args.epochs or 5, args.trials, args.optuna_pruner, args.optuna_prune)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    if args.fresh:
+        for part in ("grid-none", "grid-median", "grid-asha", "optuna", "progress.json"):
+            shutil.rmtree(workdir / part, ignore_errors=True) if part != "progress.json" else (workdir / part).unlink(missing_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = {"subset": args.subset, "epochs": args.epochs or 5, "trials": args.trials, "optuna_pruner": args.optuna_pruner,
+                "optuna_prune": args.optuna_prune, "optuna_space": OPTUNA_SPACE}
+    progress = Progress(workdir, settings)
+    print(f"stores under {workdir}" + (" (continuing: " + ", ".join(progress.steps) + ")" if progress.steps else ""), flush=True)
+    results: dict[str, Any] = {"machine": machine(), "settings": settings | {"workdir": str(workdir)}}
+
+    def save() -> None:
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+    try:
+        if args.only in (None, "grid"):
+            grid(workdir, args.subset, args.epochs, progress, results.setdefault("step3_grid", {}), save)
+        if args.only in (None, "optuna"):
+            optuna(workdir, args.subset, args.epochs or 5, args.trials, args.optuna_pruner, args.optuna_prune, progress,
+                   results.setdefault("optuna_search", {}), save)
+    except Stopped as stopped:
+        save()
+        print(f"{stopped}; what ended so far is in {args.out}", flush=True)
+        return 130
+    save()
     print(f"wrote {args.out}", flush=True)
     return 0
 
