@@ -9,7 +9,9 @@ Two sources, the better one first:
    trained for two epochs on random images once, and the second epoch's time per image is fitted
    against the model's training FLOPs (a + b * FLOPs). The fit is cached in
    $XDG_CACHE_HOME/fashioncnn/speed.json (default ~/.cache/fashioncnn/speed.json), one entry per
-   device, torch version, thread count and batch size, so it is measured once per machine.
+   device, torch version, thread count and batch size, so it is measured once per machine. A
+   measurement during which other processes took more than BUSY_SHARE of the CPU is used for that
+   estimate only: it is too slow, and kept it would mislead every estimate after it.
 
 An epoch touches its training images (forward and backward) and its validation and test images
 (forward only, in large batches): an evaluated image is counted as EVAL_SHARE of a trained one.
@@ -42,6 +44,7 @@ TEST_SET_SIZE = 10_000
 EVAL_SHARE = 1 / 3  # forward only, batches of 1000: about a third of a training image's cost
 REFERENCE_MODELS = ("M2.2.16.32", "M2.2.64.128")
 _MEASURE_TRAIN, _MEASURE_TEST = 640, 1000  # images per epoch of the reference measurement
+BUSY_SHARE = 0.25  # of the machine's CPU time, used by other processes while measuring
 
 
 def epoch_images(subset: int | None, val_size: int) -> float:
@@ -141,6 +144,30 @@ def measure_reference(cfg: DictConfig, model_name: str) -> float:
     return result.history[-1].epoch_seconds / (_MEASURE_TRAIN + _MEASURE_TEST * EVAL_SHARE)
 
 
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has been busy since boot (Linux's /proc/stat; None elsewhere)."""
+    try:
+        ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _others_share(work: Callable[[], float]) -> tuple[float, float | None]:
+    """`work()`, and the share of the machine's CPU that other processes used meanwhile (None where unknown).
+
+    Measured over the work itself, unlike the load average, which still remembers the last minute's jobs.
+    """
+    machine_before, own_before, wall_before = _machine_busy_seconds(), sum(os.times()[:2]), time.perf_counter()
+    result = work()
+    machine_after, own_after, wall = _machine_busy_seconds(), sum(os.times()[:2]), time.perf_counter() - wall_before
+    if machine_before is None or machine_after is None or wall <= 0:
+        return result, None
+    others = (machine_after - machine_before) - (own_after - own_before)
+    return result, max(0.0, others) / (wall * (os.cpu_count() or 1))
+
+
 def machine_model(cfg: DictConfig, measure: Callable[[DictConfig, str], float] = measure_reference) -> tuple[float, float, str]:
     """(a, b) of seconds per image = a + b * training FLOPs on this machine, measured once and cached; and where."""
     path, key = cache_file(), _machine_key(cfg)
@@ -148,23 +175,23 @@ def machine_model(cfg: DictConfig, measure: Callable[[DictConfig, str], float] =
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
-    if key not in cached:
-        points = [(training_flops(ModelSpec.from_name(name)), measure(cfg, name)) for name in REFERENCE_MODELS]
-        (f1, s1), (f2, s2) = points
-        slope = (s2 - s1) / (f2 - f1)
-        intercept = s1 - slope * f1
-        if slope <= 0 or intercept < 0:  # noise on a busy machine: proportional to FLOPs through the larger one
-            slope, intercept = s2 / f2, 0.0
-        cached[key] = {"intercept": intercept, "slope": slope, "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                       "load_average": round(os.getloadavg()[0], 1), "references": dict(zip(REFERENCE_MODELS, (s1, s2)))}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cached, indent=1))
-        where = f"measured now on this machine, cached in {path}"
-    else:
-        where = f"measured {cached[key]['measured']}, cached in {path}"
-    if "load_average" in cached[key]:  # other processes slow the measurement down, and the cache keeps it
-        where += f"; load average {cached[key]['load_average']:g} then on {os.cpu_count()} cores (delete the file to measure again)"
-    return cached[key]["intercept"], cached[key]["slope"], where
+    if key in cached:
+        return cached[key]["intercept"], cached[key]["slope"], f"measured {cached[key]['measured']}, cached in {path}"
+    (s1, s2), others = _others_share(lambda: tuple(measure(cfg, name) for name in REFERENCE_MODELS))
+    f1, f2 = (training_flops(ModelSpec.from_name(name)) for name in REFERENCE_MODELS)
+    slope = (s2 - s1) / (f2 - f1)
+    intercept = s1 - slope * f1
+    if slope <= 0 or intercept < 0:  # noise on a busy machine: proportional to FLOPs through the larger one
+        slope, intercept = s2 / f2, 0.0
+    if others is not None and others > BUSY_SHARE:
+        return intercept, slope, (f"measured now while other processes used {others:.0%} of the CPU, so too slow "
+                                  "and not cached: the next estimate measures again")
+    cached[key] = {"intercept": intercept, "slope": slope, "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   **({"cpu_share_of_other_processes": round(others, 3)} if others is not None else {}),
+                   "references": dict(zip(REFERENCE_MODELS, (s1, s2)))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cached, indent=1))
+    return intercept, slope, f"measured now on this machine, cached in {path}"
 
 
 def _finished_runs_by_model(uri: str, names: set[str]) -> dict[str, list[Run]]:
