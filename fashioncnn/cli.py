@@ -15,12 +15,17 @@ from fashioncnn.config import ConfigError
 
 # Flags that only show things: Hydra answers them itself, nothing is planned or trained.
 _HYDRA_ONLY = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
+_ONE_JOB_ONLY = ("--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")  # Hydra refuses these with -m
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     typed = list(sys.argv[1:] if argv is None else argv)
     dry_run = "--dry-run" in typed
     args, team_dirs = sources.take_config_dirs([a for a in typed if a != "--dry-run"])
+    one_job_only = next((a.split("=", 1)[0] for a in args if a.split("=", 1)[0] in _ONE_JOB_ONLY), None)
+    if one_job_only and ("-m" in args or "--multirun" in args):
+        _fail(f"{one_job_only} shows one job and cannot be combined with -m: drop -m and give one value per key "
+              "(python -m fashioncnn --cfg job conv=3), or list the sweep's jobs with -m ... --dry-run")
     if sources.missing_dirs(team_dirs):
         _fail(f"config directory {sources.missing_dirs(team_dirs)[0]} does not exist (from --config-dir or ${sources.CONFIG_PATH_ENV})")
     broken = sources.broken_yaml(team_dirs)

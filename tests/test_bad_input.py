@@ -82,3 +82,15 @@ def test_a_finite_but_huge_training_loss_stops_the_run():
     off = Divergence()
     off.max_loss = None
     assert DivergenceGuard(off).check(loss_sum=64 * 4.9e30, correct=50, seen=64) is None
+
+
+@pytest.mark.parametrize("flag", ["--cfg", "--info", "-c"])
+def test_a_show_flag_with_a_sweep_is_one_line_naming_both(flag, capsys):
+    from fashioncnn import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["-m", "conv=2,3", flag, "job"] if flag != "--info" else ["-m", "conv=2,3", flag])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: {flag} shows one job and cannot be combined with -m") and "\n" not in error
+    assert "--dry-run" in error
