@@ -77,30 +77,10 @@ def train_and_log(cfg: DictConfig) -> float | None:
         return _store_away(name, f"tracking store {tracking.mask_secrets(uri)} did not answer for "
                                  f"{cfg.tracking.outage_wait_seconds:g} s (tracking.outage_wait_seconds): {error}; "
                                  "nothing trained, run the same command again")
-    client = tracking.store(uri).client
-    if resume_run_id and not lease.wins_resume(client, resume_run_id, cfg.lease.seconds):
-        log.warning("%s: run %s is running elsewhere (another process holds its lease): left alone", name, resume_run_id)
+    run = _start_claimed_run(cfg, name, uri, resume_run_id)
+    if run is None:
         return None
-    # The run starts before anything that can fail on this machine (device, data), so a failure is a
-    # FAILED run with its error in MLflow, not just a traceback in a terminal.
-    fingerprint, experiment_id = os.environ[tracking.FINGERPRINT_ENV], os.environ[tracking.EXPERIMENT_ID_ENV]
-    try:
-        run = tracking.start_run(cfg, name, fingerprint, experiment_id, resume_run_id)
-    except Exception as error:
-        if not uri.startswith(("http://", "https://")):
-            raise
-        if mlflow.active_run() is not None:
-            mlflow.end_run("FAILED")  # best effort: the server may take it, else the lease lapses
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return _store_away(name, f"tracking store {tracking.mask_secrets(uri)} failed while the run started: "
-                                 f"{tracking.mask_secrets(reason)}; nothing trained, run the same command again")
-    run_id = run.info.run_id
-    if resume_run_id is None and not lease.wins_new_run(client, experiment_id, fingerprint, client.get_run(run_id), cfg.lease.seconds,
-                                                         cfg.force):
-        mlflow.end_run("KILLED")
-        client.delete_run(run_id)  # a claim that lost: not a run of its own
-        log.warning("%s: running elsewhere (another command started it at the same moment): left alone", name)
-        return None
+    client, run_id = tracking.store(uri).client, run.info.run_id
     heartbeat = lease.Heartbeat(client, run_id, cfg.lease.heartbeat_seconds)
     delivery = Delivery(client, run_id, cfg.tracking.max_queued, cfg.tracking.retry_seconds)
     tracking.deliver_through(delivery)
@@ -172,6 +152,35 @@ def train_and_log(cfg: DictConfig) -> float | None:
              name, result.best_epoch, result.select_metric, f"{getattr(best, result.select_metric):.4f}",
              best.test_acc, result.max_test_acc, result.train_seconds, run_id, _link(cfg, run))
     return result.max_test_acc
+
+
+def _start_claimed_run(cfg: DictConfig, name: str, uri: str, resume_run_id: str | None) -> mlflow.ActiveRun | None:
+    """The job's run, started (or resumed) and won against any other process on the same job; None when
+    the job is left alone (another process holds it, or the store failed: each said so)."""
+    client = tracking.store(uri).client
+    if resume_run_id and not lease.wins_resume(client, resume_run_id, cfg.lease.seconds):
+        log.warning("%s: run %s is running elsewhere (another process holds its lease): left alone", name, resume_run_id)
+        return None
+    # The run starts before anything that can fail on this machine (device, data), so a failure is a
+    # FAILED run with its error in MLflow, not just a traceback in a terminal.
+    fingerprint, experiment_id = os.environ[tracking.FINGERPRINT_ENV], os.environ[tracking.EXPERIMENT_ID_ENV]
+    try:
+        run = tracking.start_run(cfg, name, fingerprint, experiment_id, resume_run_id)
+    except Exception as error:
+        if not uri.startswith(("http://", "https://")):
+            raise
+        if mlflow.active_run() is not None:
+            mlflow.end_run("FAILED")  # best effort: the server may take it, else the lease lapses
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return _store_away(name, f"tracking store {tracking.mask_secrets(uri)} failed while the run started: "
+                                 f"{tracking.mask_secrets(reason)}; nothing trained, run the same command again")
+    if resume_run_id is None and not lease.wins_new_run(client, experiment_id, fingerprint, client.get_run(run.info.run_id),
+                                                         cfg.lease.seconds, cfg.force):
+        mlflow.end_run("KILLED")
+        client.delete_run(run.info.run_id)  # a claim that lost: not a run of its own
+        log.warning("%s: running elsewhere (another command started it at the same moment): left alone", name)
+        return None
+    return run
 
 
 def _store_away(name: str, message: str) -> None:
