@@ -48,6 +48,7 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results-search.json"
 GRID_PRUNERS = ("none", "median", "asha")
+STORES = ("grid-none", "grid-median", "grid-asha", "optuna")  # one working directory (and ./mlruns) each
 # The step-3 grid's space, with the learning rate sampled too, so that the search's best can be set
 # against the grid's. (conv=1 and channels 32.32 would add models of 30-100 M parameters, hours on a CPU.)
 OPTUNA_SPACE = ["conv=2,3", "lin=2,3,4", "channels=16.32,32.64,64.128", "optim.lr=tag(log,interval(1e-4,1e-2))"]
@@ -109,6 +110,10 @@ class Progress:
         entry = {"exit_code": code, "wall_seconds": round(wall, 1), "ended": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                  "load_average_at_end": round(os.getloadavg()[0], 1), **({"output_tail": tail} if tail else {})}
         self.steps.setdefault(step, []).append({"command": "python -m fashioncnn " + " ".join(args), **entry})
+        self.path.write_text(json.dumps({"settings": self.settings, "steps": self.steps}, indent=1) + "\n")
+
+    def forget(self, step: str) -> None:
+        self.steps.pop(step, None)
         self.path.write_text(json.dumps({"settings": self.settings, "steps": self.steps}, indent=1) + "\n")
 
     def ended(self, step: str) -> bool:
@@ -217,16 +222,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="where the stores go; the same one again continues a stopped benchmark "
                                                      "(default: a new temporary directory, kept)")
     parser.add_argument("--fresh", action="store_true", help="delete what --workdir holds from an earlier benchmark first")
+    parser.add_argument("--redo", action="append", default=[], choices=STORES,
+                        help="run this part again from scratch, its store deleted (e.g. its timing was disturbed); repeatable")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file (default: %(default)s)")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fashioncnn-search-"))
     if args.fresh:
-        for part in ("grid-none", "grid-median", "grid-asha", "optuna", "progress.json"):
+        for part in (*STORES, "progress.json"):
             shutil.rmtree(workdir / part, ignore_errors=True) if part != "progress.json" else (workdir / part).unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     settings = {"subset": args.subset, "epochs": args.epochs or 5, "trials": args.trials, "optuna_pruner": args.optuna_pruner,
                 "optuna_prune": args.optuna_prune, "optuna_space": OPTUNA_SPACE}
     progress = Progress(workdir, settings)
+    for part in args.redo:
+        shutil.rmtree(workdir / part, ignore_errors=True)
+        for step in ("optuna-first", "optuna-again") if part == "optuna" else (part,):
+            progress.forget(step)
     print(f"stores under {workdir}" + (" (continuing: " + ", ".join(progress.steps) + ")" if progress.steps else ""), flush=True)
     results: dict[str, Any] = {"machine": machine(), "settings": settings | {"workdir": str(workdir)}}
 
