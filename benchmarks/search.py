@@ -154,12 +154,25 @@ def store_figures(cwd: Path, experiment: str) -> dict[str, Any]:
         "saved_seconds_by_pruner": round(sum(p.data.metrics.get("prune_saved_seconds", 0.0) for p in parents), 1),
         "ranking_metric": metric,
     }
+    # Each configuration's seconds per epoch trained (its newest run): the grids' work compared at one speed.
+    figures["epoch_seconds"] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "epoch_seconds"))
+        figures["epoch_seconds"][run.data.tags.get("fingerprint", run.info.run_id)] = {
+            "model": run.data.tags.get("model_name"), "seconds": [round(value, 2) for _, value in history]}
+    figures["epochs_trained"] = sum(len(c["seconds"]) for c in figures["epoch_seconds"].values())
     if ranked:
         best = ranked[0]
         figures["best"] = {"model": best.data.tags.get("model_name"), "overrides": best.data.tags.get("hydra.overrides"),
                            "run_id": best.info.run_id, "fingerprint": best.data.tags.get("fingerprint"), metric: round(best.data.metrics[metric], 4),
                            "test_acc_at_best": round(best.data.metrics.get("test_acc_at_best", float("nan")), 4)}
     return figures
+
+
+def at_speed_of(reference: dict[str, Any], grid: dict[str, Any]) -> float:
+    """The seconds `grid`'s epochs took in `reference`: each configuration's first k epochs there, k as trained here."""
+    timed = reference["epoch_seconds"]
+    return sum(sum(timed[config]["seconds"][:len(trained["seconds"])]) for config, trained in grid["epoch_seconds"].items())
 
 
 def grid(workdir: Path, subset: int | None, epochs: int | None, progress: Progress, results: dict[str, Any], save: Callable[[], None]) -> None:
@@ -180,6 +193,10 @@ def grid(workdir: Path, subset: int | None, epochs: int | None, progress: Progre
                 "best_difference_points": round(100 * (pruned["best"][metric] - full["best"][metric]), 2),
                 "train_time_fraction": round(pruned["train_seconds"] / full["train_seconds"], 3),
                 "wall_time_fraction": round(pruned["wall_seconds"] / full["wall_seconds"], 3),
+                # The same epochs timed at prune=none's speed: one machine's speed drifts between runs of
+                # identical work (10-25% between these grids, run minutes apart), pruning does not.
+                "train_time_fraction_at_none_speed": round(at_speed_of(full, pruned) / at_speed_of(full, full), 3),
+                "epochs_trained_fraction": round(pruned["epochs_trained"] / full["epochs_trained"], 3),
             }
     save()
 

@@ -9,7 +9,8 @@ machines: whatever ran a sibling, its per-epoch metrics are in the store. With t
 siblings of job k are jobs 0..k-1, all ended, so the decisions depend on the grid's order alone.
 
 Both rules compare the *best selection metric so far* (up to epoch e) of the run and of each sibling
-that reached epoch e: a run's model is its best epoch, so that is what would be ranked. A run is never
+that reached epoch e (finished it: a run the divergence guard stopped during epoch e did not): a run's
+model is its best epoch, so that is what would be ranked. A run is never
 stopped after its last epoch (nothing left to save) nor outside a sweep (no siblings).
 """
 
@@ -136,6 +137,11 @@ class Siblings:
                 self._histories[run_id] = cached = self._history(run_id)
                 if status in _ENDED:
                     self._ended.add(run_id)
+            if run.data.tags.get(tracking.DIVERGED_TAG) == "true" and cached:
+                # The guard stopped it during its last logged epoch: that epoch's metrics are of part of
+                # an epoch, and the run did not reach it. (Counted, at chance level, they would lower the
+                # median and swell a rung: every grid at a high learning rate would prune less.)
+                cached = {step: value for step, value in cached.items() if step != max(cached)}
             if epoch in cached:
                 reached.append(cached)
         return reached

@@ -20,8 +20,8 @@ from fashioncnn.data import DEBIAN_DIR
 from fashioncnn.model import ModelSpec
 from fashioncnn.preflight import jobs_of
 from fashioncnn.results import selectable
-from fashioncnn.prune import (AshaPruner, FirstToStop, MedianPruner, NeverPrune, asha_rungs, asha_verdict, best_so_far, make_pruner,
-                              median_verdict, saved_seconds)
+from fashioncnn.prune import (AshaPruner, FirstToStop, MedianPruner, NeverPrune, Siblings, asha_rungs, asha_verdict, best_so_far,
+                              make_pruner, median_verdict, saved_seconds)
 from fashioncnn.sweep import fingerprint
 from fashioncnn.train import EpochMetrics
 
@@ -90,6 +90,31 @@ def epoch(n, val_acc, val_loss=1.0):
 
 SIBLINGS = [{1: 0.70, 2: 0.80, 3: 0.85, 4: 0.86}, {1: 0.72, 2: 0.79, 3: 0.84, 4: 0.85}, {1: 0.60, 2: 0.75},
             {1: 0.65, 2: 0.78, 3: 0.83, 4: 0.84}]
+
+
+def test_siblings_from_the_store_a_diverged_run_did_not_reach_its_last_epoch(tmp_path):
+    from fashioncnn import tracking
+
+    store = tracking.Store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = store.client
+    experiment_id = client.create_experiment("siblings")
+
+    def run(fingerprint, test_acc, sweep="s1", **tags):
+        made = client.create_run(experiment_id, tags={tracking.SWEEP_TAG: sweep, tracking.FINGERPRINT_TAG: fingerprint,
+                                                       tracking.ROLE_TAG: "job", **tags})
+        client.log_batch(made.info.run_id, [Metric("test_acc", value, 0, step) for step, value in test_acc.items()])
+        client.set_terminated(made.info.run_id, "FINISHED")
+        return made.info.run_id
+
+    run("a", {1: 0.80, 2: 0.84})
+    run("b", {1: 0.70, 2: 0.10}, diverged="true")  # the guard stopped it during epoch 2
+    run("c", {1: 0.10}, diverged="true")  # ... during epoch 1, at chance level
+    run("d", {1: 0.90}, sweep="another sweep")
+    own = run("e", {1: 0.75})
+    siblings = Siblings(store, experiment_id, "s1", own, "e", "test_acc")
+    assert sorted(h[1] for h in siblings.histories_at(1)) == [0.70, 0.80]  # c did not finish epoch 1
+    assert siblings.histories_at(2) == [{1: 0.80, 2: 0.84}]  # nor b epoch 2
+    assert siblings.own_history() == {1: 0.75}
 
 
 def test_median_pruner_on_sibling_histories():
