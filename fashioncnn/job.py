@@ -104,7 +104,8 @@ def train_and_log(cfg: DictConfig) -> float | None:
         def after_epoch(metrics: EpochMetrics) -> str | None:
             if metrics.epoch not in logged:  # re-trained after a resume: its metrics are already there
                 tracking.log_epoch(metrics)
-            return pruner.after_epoch(metrics)
+            # The run ends anyway after an epoch cut short; reported, it would count in Optuna's rungs
+            return None if metrics.cut_short else pruner.after_epoch(metrics)
 
         result = train(cfg, model, data, device, on_epoch=after_epoch, checkpoints=stored)
         for restored in result.history[:result.resumed_after_epoch]:

@@ -44,6 +44,7 @@ class EpochMetrics:
     val_loss: float | None = None  # None without a validation split
     val_acc: float | None = None
     lr: float | None = None  # the learning rate at the end of the epoch
+    cut_short: bool = False  # the divergence guard stopped the run during this epoch: its train_* are of part of it
 
 
 @dataclass
@@ -417,7 +418,7 @@ def train(
             val_loss, val_acc = evaluate(step, val_images, data.val_labels, cfg.speed.eval_batch_size, autocast)
         test_loss, test_acc = evaluate(step, test_images, data.test_labels, cfg.speed.eval_batch_size, autocast)
         metrics = EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc, time.perf_counter() - started, val_loss, val_acc,
-                               optimizer.param_groups[0]["lr"])
+                               optimizer.param_groups[0]["lr"], cut_short=seen < n_train)
         log.info(
             "epoch %d/%d  train loss %.4f acc %.4f  %stest loss %.4f acc %.4f  %.1fs",
             epoch, cfg.epochs, train_loss, train_acc,

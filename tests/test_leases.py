@@ -40,6 +40,7 @@ def test_an_epochs_checkpoint_is_stored_before_its_metrics_are_handed_on(tmp_pat
     torch.manual_seed(cfg.seed)
     train(cfg, build_model(ModelSpec.from_config(cfg.model)), tiny_data(), CPU, on_epoch=on_epoch, checkpoints=stored)
     assert seen == [(1, 1), (2, 2), (3, 3)]  # a kill in between leaves a checkpoint that holds the epoch
+    assert torch.load(stored.path, weights_only=False)["history"][-1]["cut_short"] is False  # whole epochs
 
 
 def test_the_issues_lr_1e6_run_is_stopped_as_diverged():
@@ -48,7 +49,7 @@ def test_the_issues_lr_1e6_run_is_stopped_as_diverged():
     torch.manual_seed(cfg.seed)
     result = train(cfg, build_model(ModelSpec.from_config(cfg.model)), tiny_data(), CPU)
     assert result.diverged and "above divergence.max_loss=100" in result.diverged, result.diverged  # finite (2.5e28), above chance
-    assert len(result.history) == 1
+    assert len(result.history) == 1 and result.history[0].cut_short  # not shown to the pruners (job.py)
 
 
 def test_a_dataset_insert_lost_to_a_concurrent_job_is_retried_and_other_errors_are_not(monkeypatch):
