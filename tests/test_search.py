@@ -169,9 +169,10 @@ def test_optunas_median_pruner_stops_a_hopeless_trial(tmp_path):
 @pytest.mark.slow
 @needs_data
 def test_kill_9_mid_search_then_rerun_resumes_the_study_without_repeating_finished_trials(tmp_path):
-    args = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "optim.lr=tag(log, interval(1e-4,1e-2))", "epochs=4",
+    args = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "optim.lr=tag(log, interval(1e-4,1e-2))", "epochs=8",
             *SMALL, "subset=512", "experiment=killed", "lease.heartbeat_seconds=0.5", "lease.seconds=2"]
     # The short lease: the killed trial's heartbeat must lapse before the re-run may take its run over.
+    # 8 epochs: the second trial is seconds from its end when the kill lands, even on a fast machine.
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     process = subprocess.Popen([sys.executable, "-m", "fashioncnn", *args], cwd=tmp_path, env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
