@@ -16,16 +16,21 @@ DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 
 venv: $(STAMP)
 
+# $(call apt_install,test that it is there,what,apt-get install's arguments,what happens without it): installs
+# Debian packages a target needs when they are missing, as root or through sudo, else says what goes without.
+define apt_install
+@if $(1); then :; \
+elif command -v apt-get >/dev/null && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null; }; then \
+	as_root=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	echo "Installing $(2) (apt-get install $(3))"; \
+	$$as_root apt-get update -qq && $$as_root apt-get install -y -qq $(3) >/dev/null; \
+else echo "$(4)"; fi
+endef
+
 # Fashion-MNIST from Debian's package when it is in neither ./data nor Debian's folder; the code
 # itself also tries torchvision's download and says what to do when nothing works.
 data:
-	@if [ -n "$$(ls data/*idx3-ubyte* data/FashionMNIST/raw/*idx3-ubyte* $(DEBIAN_DATA)/*idx3-ubyte* 2>/dev/null)" ]; then :; \
-	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
-		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
-	elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then \
-		sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
-	else echo "Fashion-MNIST not installed: fashioncnn will try torchvision's download into ./data"; fi
+	$(call apt_install,[ -n "$$(ls data/*idx3-ubyte* data/FashionMNIST/raw/*idx3-ubyte* $(DEBIAN_DATA)/*idx3-ubyte* 2>/dev/null)" ],Fashion-MNIST,dataset-fashion-mnist,Fashion-MNIST not installed: fashioncnn will try torchvision's download into ./data)
 
 # pip (not uv/poetry): it finds the pinned torch wheels on local disk instead of downloading gigabytes.
 $(STAMP): pyproject.toml
@@ -34,35 +39,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# PostgreSQL from Debian's package, for the team tracking server and its test.
+# PostgreSQL, for the team tracking server and its test.
 postgres:
-	@if [ -n "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] || command -v initdb >/dev/null; then :; \
-	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		echo "Installing PostgreSQL (Debian package postgresql)"; \
-		apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; \
-	elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then \
-		sudo apt-get update -qq && sudo apt-get install -y -qq postgresql >/dev/null; \
-	else echo "PostgreSQL not installed: the server test will be skipped"; fi
+	$(call apt_install,[ -n "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] || command -v initdb >/dev/null,PostgreSQL,postgresql,PostgreSQL not installed: the server test will be skipped)
 
-# Chromium from Debian's package, for the test that opens the MLflow UI in a headless browser.
+# Chromium, for the test that opens the MLflow UI in a headless browser.
 chromium:
-	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
-	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		echo "Installing Chromium (Debian package chromium)"; \
-		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
-	elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then \
-		sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; \
-	else echo "Chromium not installed: the browser test of the MLflow UI will be skipped"; fi
+	$(call apt_install,command -v chromium >/dev/null || command -v chromium-browser >/dev/null,Chromium,chromium,Chromium not installed: the browser test of the MLflow UI will be skipped)
 
-# SLURM (slurmctld, slurmd) and munge from Debian's packages, for the cluster tests and make slurm.
+# SLURM (slurmctld, slurmd) and munge, for the cluster tests and make slurm.
 slurm-packages:
-	@if command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ]; then :; \
-	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		echo "Installing SLURM (Debian packages slurmctld slurmd munge)"; \
-		apt-get update -qq && apt-get install -y -qq --no-install-recommends slurmctld slurmd munge >/dev/null; \
-	elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then \
-		sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends slurmctld slurmd munge >/dev/null; \
-	else echo "SLURM not installed: the cluster tests will be skipped"; fi
+	$(call apt_install,command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ],SLURM,--no-install-recommends slurmctld slurmd munge,SLURM not installed: the cluster tests will be skipped)
 
 # A single-node SLURM cluster on 127.0.0.1 (config, state and logs in ./slurm), in the foreground until
 # Ctrl-C. It prints the `export SLURM_CONF=...` that sbatch, squeue and the submitit launcher need.

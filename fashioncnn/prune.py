@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 # Tags a pruned run carries besides pruned=true and pruned_reason: the epoch it stopped after (job.py,
 # whichever pruner stopped it) and the store pruners' details.
 PRUNED_EPOCH_TAG = "pruned_epoch"
+# The epoch the divergence guard stopped a run in (job.py): its logged metrics are of part of that
+# epoch, so the run did not reach it.
+CUT_SHORT_EPOCH_TAG = "cut_short_epoch"
 PRUNED_DETAIL_TAGS = ("pruned_rule", "pruned_metric", "pruned_value", "pruned_threshold", "pruned_siblings")
 _ENDED = {"FINISHED", "FAILED", "KILLED"}
 
@@ -137,11 +140,11 @@ class Siblings:
                 self._histories[run_id] = cached = self._history(run_id)
                 if status in _ENDED:
                     self._ended.add(run_id)
-            if run.data.tags.get(tracking.DIVERGED_TAG) == "true" and cached:
-                # The guard stopped it during its last logged epoch: that epoch's metrics are of part of
-                # an epoch, and the run did not reach it. (Counted, at chance level, they would lower the
-                # median and swell a rung: every grid at a high learning rate would prune less.)
-                cached = {step: value for step, value in cached.items() if step != max(cached)}
+            cut_short = run.data.tags.get(CUT_SHORT_EPOCH_TAG)
+            if cut_short is not None:
+                # Counted, a part-epoch at chance level would lower the median and swell a rung: every
+                # grid at a high learning rate would prune less.
+                cached = {step: value for step, value in cached.items() if step != int(cut_short)}
             if epoch in cached:
                 reached.append(cached)
         return reached

@@ -107,13 +107,14 @@ def test_siblings_from_the_store_a_diverged_run_did_not_reach_its_last_epoch(tmp
         return made.info.run_id
 
     run("a", {1: 0.80, 2: 0.84})
-    run("b", {1: 0.70, 2: 0.10}, diverged="true")  # the guard stopped it during epoch 2
-    run("c", {1: 0.10}, diverged="true")  # ... during epoch 1, at chance level
+    run("b", {1: 0.70, 2: 0.10}, diverged="true", cut_short_epoch="2")  # the guard stopped it during epoch 2
+    run("c", {1: 0.10}, diverged="true", cut_short_epoch="1")  # ... during epoch 1, at chance level
+    run("f", {1: 0.60, 2: 0.66}, diverged="true")  # ... right at the end of epoch 2, which it did reach
     run("d", {1: 0.90}, sweep="another sweep")
     own = run("e", {1: 0.75})
     siblings = Siblings(store, experiment_id, "s1", own, "e", "test_acc")
-    assert sorted(h[1] for h in siblings.histories_at(1)) == [0.70, 0.80]  # c did not finish epoch 1
-    assert siblings.histories_at(2) == [{1: 0.80, 2: 0.84}]  # nor b epoch 2
+    assert sorted(h[1] for h in siblings.histories_at(1)) == [0.60, 0.70, 0.80]  # c did not finish epoch 1
+    assert sorted(h[2] for h in siblings.histories_at(2)) == [0.66, 0.84]  # nor b epoch 2
     assert siblings.own_history() == {1: 0.75}
 
 

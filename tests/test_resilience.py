@@ -73,6 +73,8 @@ def test_a_diverging_model_stops_early_and_the_sweep_goes_on(tmp_path):
     reason = diverged.data.tags["diverged_reason"]
     assert "chance level" in reason or "became nan" in reason or "above divergence.max_loss=100" in reason, reason
     assert list(metric_history(client, diverged.info.run_id, "test_acc")) == [1]  # stopped inside epoch 1
+    assert diverged.data.tags["cut_short_epoch"] == "1"  # so no sibling's pruner counts it as an epoch reached
+    assert "cut_short_epoch" not in healthy.data.tags
     assert list(metric_history(client, healthy.info.run_id, "test_acc")) == [1, 2, 3]
     assert "diverged" not in healthy.data.tags
     assert "DIVERGED" in result.stdout
