@@ -24,7 +24,7 @@ from fashioncnn import checkpoints, lease, links, tracking
 from fashioncnn.data import load
 from fashioncnn.delivery import Delivery
 from fashioncnn.model import ModelSpec, build_model, count_parameters, run_name
-from fashioncnn.prune import CUT_SHORT_EPOCH_TAG, PRUNED_EPOCH_TAG, make_pruner
+from fashioncnn.prune import PRUNED_EPOCH_TAG, make_pruner
 from fashioncnn.train import EpochMetrics, resolve_device, train
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def train_and_log(cfg: DictConfig) -> float | None:
 
         def after_epoch(metrics: EpochMetrics) -> str | None:
             if metrics.cut_short:  # said before its metrics land, so that no sibling's pruner counts them as an epoch
-                tracking.set_tags({CUT_SHORT_EPOCH_TAG: str(metrics.epoch)})
+                tracking.set_tags({tracking.CUT_SHORT_EPOCH_TAG: str(metrics.epoch)})
             if metrics.epoch not in logged:  # re-trained after a resume: its metrics are already there
                 tracking.log_epoch(metrics)
             # The run ends anyway after an epoch cut short; reported, it would count in Optuna's rungs

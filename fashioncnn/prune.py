@@ -33,9 +33,6 @@ if TYPE_CHECKING:
 # Tags a pruned run carries besides pruned=true and pruned_reason: the epoch it stopped after (job.py,
 # whichever pruner stopped it) and the store pruners' details.
 PRUNED_EPOCH_TAG = "pruned_epoch"
-# The epoch the divergence guard stopped a run in (job.py): its logged metrics are of part of that
-# epoch, so the run did not reach it.
-CUT_SHORT_EPOCH_TAG = "cut_short_epoch"
 PRUNED_DETAIL_TAGS = ("pruned_rule", "pruned_metric", "pruned_value", "pruned_threshold", "pruned_siblings")
 _ENDED = {"FINISHED", "FAILED", "KILLED"}
 
@@ -140,7 +137,7 @@ class Siblings:
                 self._histories[run_id] = cached = self._history(run_id)
                 if status in _ENDED:
                     self._ended.add(run_id)
-            cut_short = run.data.tags.get(CUT_SHORT_EPOCH_TAG)
+            cut_short = run.data.tags.get(tracking.CUT_SHORT_EPOCH_TAG)
             if cut_short is not None:
                 # Counted, a part-epoch at chance level would lower the median and swell a rung: every
                 # grid at a high learning rate would prune less.

@@ -517,9 +517,10 @@ class Search:
             self.study.tell(trial, state=TrialState.FAIL)
             return "NOT RUN"
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        tags, metrics = run.data.tags, run.data.metrics
         if told_from_store:
             trial.set_user_attr("told_from_store", True)
-        tags, metrics = run.data.tags, run.data.metrics
+            self._report_epochs(trial, run)
         if run.info.status != "FINISHED":
             self.study.tell(trial, state=TrialState.FAIL)
             return run.info.status
@@ -531,6 +532,18 @@ class Search:
             return "FAILED"
         self.study.tell(trial, metrics[self.plan.metric])
         return "FINISHED"
+
+    def _report_epochs(self, trial: optuna.Trial, run: Run) -> None:
+        """A trial told from a run it did not train gets that run's epochs, as the run's job reports them.
+
+        Optuna's median pruner takes its median at epoch e over the COMPLETE trials with a value at e: a
+        told trial without them would not count, and with few trials one value sets the bar for all.
+        """
+        select_metric = str(getattr(self.plan.base.select_metric, "value", self.plan.base.select_metric))
+        cut_short = run.data.tags.get(tracking.CUT_SHORT_EPOCH_TAG)  # part of an epoch: the run did not reach it
+        for logged in self.store.client.get_metric_history(run.info.run_id, select_metric):
+            if str(logged.step) != cut_short:
+                trial.report(float(logged.value), logged.step)
 
     def summary_plan(self, before: set[int]) -> sweep.Plan:
         """The study's trials as a sweep plan: finished before this command (shown SKIPPED) and this command's."""

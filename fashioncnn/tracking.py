@@ -57,6 +57,9 @@ PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "sweep_id"
 FINGERPRINT_TAG = "fingerprint"
 DIVERGED_TAG = "diverged"
+# The epoch the divergence guard stopped a run in: its metrics there are of part of an epoch, which the
+# run did not reach (pruners and Optuna trials leave it out).
+CUT_SHORT_EPOCH_TAG = "cut_short_epoch"
 PRUNED_TAG = "pruned"  # stopped early by a pruner: never picked by retrain or the registry
 _PASSWORD_IN_URI = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@")
 

@@ -51,7 +51,8 @@ class OptunaTrialPruner:
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage),
                                   pruner=make_optuna_pruner(pruner_spec))
         self.trial = optuna.trial.Trial(study, trial_id)
-        self.metric, self.pruner = select_metric, pruner_spec.split(":", 1)[0]
+        self.metric, self.pruner, self.run_id = select_metric, pruner_spec.split(":", 1)[0], run_id
+        self.first_epoch = True
         self.trial.set_user_attr("mlflow_run_id", run_id)
         mlflow.set_tags({"optuna.study": study_name, "optuna.trial": str(self.trial.number)})
 
@@ -59,10 +60,23 @@ class OptunaTrialPruner:
         value = getattr(metrics, self.metric)
         if value is None:
             return None
+        if self.first_epoch and metrics.epoch > 1:
+            self._report_epochs_before_the_resume(metrics.epoch)
+        self.first_epoch = False
         self.trial.report(float(value), metrics.epoch)
         if self.pruner != "none" and self.trial.should_prune():
             return f"optuna {self.pruner} pruner at epoch {metrics.epoch}: {self.metric} {value:.4f} (trial #{self.trial.number})"
         return None
+
+    def _report_epochs_before_the_resume(self, epoch: int) -> None:
+        """A run resumed under a re-queued trial: its epochs before the kill went to the interrupted trial.
+
+        Without them this trial has no value at those epochs once COMPLETE, and the median pruner takes
+        its median at such an epoch over the other trials alone (with one of them, that trial's value).
+        """
+        for logged in mlflow.tracking.MlflowClient().get_metric_history(self.run_id, self.metric):
+            if logged.step < epoch:
+                self.trial.report(float(logged.value), logged.step)
 
 
 def from_environment(cfg: DictConfig, run_id: str) -> OptunaTrialPruner | None:

@@ -207,6 +207,9 @@ def test_kill_9_mid_search_then_rerun_resumes_the_study_without_repeating_finish
     assert len(jobs) == 3 and all(r.info.status == "FINISHED" for r in jobs)  # the killed run finished; nothing trained twice
     assert len({r.data.tags["fingerprint"] for r in jobs}) == 3
     assert finished_before <= {r.info.run_id for r in jobs}
+    for trial in study.trials:  # the resumed trial too: its epochs before the kill, from its run
+        if trial.state == TrialState.COMPLETE:
+            assert sorted(trial.intermediate_values) == list(range(1, 9)), (trial.number, trial.intermediate_values)
     assert not any(checkpoints.glob("*.pt"))
 
 
@@ -227,6 +230,9 @@ def test_trials_whose_config_already_finished_in_a_grid_are_told_from_the_store(
         run = trained[str(trial.params["optim.lr"])]
         assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(run.data.metrics["best_val_acc"])
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id and trial.user_attrs["told_from_store"]
+        # its epochs, as a job reports them: Optuna's median pruner counts a COMPLETE trial only where it has values
+        assert trial.intermediate_values == {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_acc")}
+        assert list(trial.intermediate_values) == [1]
 
 
 @pytest.mark.slow
