@@ -1,7 +1,8 @@
 """Pruning and sampled search against the full grid (issue 12): what they find, and in how much training time.
 
-1. The study's step-3 grid (`+study=step3-channels`: 18 models at lr 0.01, 5 epochs, full data) three
-   times, each into a store of its own: prune=none, prune=median, prune=asha. For each: the wall time
+1. The study's step-3 grid (`+study=step3-channels`: 18 models at lr 0.01, 5 epochs, full data) four
+   times, each into a store of its own: prune=none, prune=median, prune=asha, and prune=asha with its
+   first rung at epoch 2 (prune.min_epoch=2, "asha-min2"). For each: the wall time
    of the command, the training time of its runs (the sum of their train_seconds), the best run by the
    sweep's ranking metric (pruned runs never count) and its value, the number of pruned runs and the
    training time the pruner says it saved. Then, against prune=none: the best's difference in points
@@ -48,7 +49,10 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results-search.json"
 GRID_PRUNERS = ("none", "median", "asha")
-STORES = ("grid-none", "grid-median", "grid-asha", "optuna")  # one working directory (and ./mlruns) each
+# Each grid's name and its overrides; "none" first: the others are set against it.
+GRIDS = {"none": ["prune=none"], "median": ["prune=median"], "asha": ["prune=asha"],
+         "asha-min2": ["prune=asha", "prune.min_epoch=2"]}  # ASHA judging from epoch 2: slow starters survive rung 0
+STORES = (*(f"grid-{name}" for name in GRIDS), "optuna")  # one working directory (and ./mlruns) each
 # The step-3 grid's space, with the learning rate sampled too, so that the search's best can be set
 # against the grid's. (conv=1 and channels 32.32 would add models of 30-100 M parameters, hours on a CPU.)
 OPTUNA_SPACE = ["conv=2,3", "lin=2,3,4", "channels=16.32,32.64,64.128", "optim.lr=tag(log,interval(1e-4,1e-2))"]
@@ -124,7 +128,7 @@ class Progress:
         last = invocations[-1]
         return {"command": last["command"], "exit_code": last["exit_code"],
                 "wall_seconds": round(sum(i["wall_seconds"] for i in invocations), 1), "invocations": len(invocations),
-                **({"output_tail": last["output_tail"]} if "output_tail" in last else {})}
+                **{key: last[key] for key in ("output_tail", "note") if key in last}}
 
 
 def store_figures(cwd: Path, experiment: str) -> dict[str, Any]:
@@ -177,14 +181,14 @@ def at_speed_of(reference: dict[str, Any], grid: dict[str, Any]) -> float:
 
 def grid(workdir: Path, subset: int | None, epochs: int | None, progress: Progress, results: dict[str, Any], save: Callable[[], None]) -> None:
     shrink = ([f"subset={subset}"] if subset else []) + ([f"epochs={epochs}"] if epochs else [])
-    for rule in GRID_PRUNERS:
-        cwd = workdir / f"grid-{rule}"
-        run = fashioncnn(["-m", "+study=step3-channels", f"prune={rule}", *shrink], cwd, progress, f"grid-{rule}")
-        results[rule] = run | store_figures(cwd, "study-step3-channels")
+    for name, overrides in GRIDS.items():
+        cwd = workdir / f"grid-{name}"
+        run = fashioncnn(["-m", "+study=step3-channels", *overrides, *shrink], cwd, progress, f"grid-{name}")
+        results[name] = run | store_figures(cwd, "study-step3-channels")
         save()
     full = results["none"]
-    for rule in GRID_PRUNERS[1:]:
-        pruned = results[rule]
+    for name in list(GRIDS)[1:]:
+        pruned = results[name]
         if full.get("best") and pruned.get("best") and full.get("train_seconds"):
             metric = full["ranking_metric"]
             pruned["against_none"] = {
