@@ -137,13 +137,8 @@ class Siblings:
                 self._histories[run_id] = cached = self._history(run_id)
                 if status in _ENDED:
                     self._ended.add(run_id)
-            cut_short = run.data.tags.get(tracking.CUT_SHORT_EPOCH_TAG)
-            if cut_short is not None:
-                # Counted, a part-epoch at chance level would lower the median and swell a rung: every
-                # grid at a high learning rate would prune less.
-                cached = {step: value for step, value in cached.items() if step != int(cut_short)}
-            if epoch in cached:
-                reached.append(cached)
+            if epoch in (history := tracking.epochs_reached(run, cached)):
+                reached.append(history)
         return reached
 
 

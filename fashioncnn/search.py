@@ -540,10 +540,9 @@ class Search:
         told trial without them would not count, and with few trials one value sets the bar for all.
         """
         select_metric = str(getattr(self.plan.base.select_metric, "value", self.plan.base.select_metric))
-        cut_short = run.data.tags.get(tracking.CUT_SHORT_EPOCH_TAG)  # part of an epoch: the run did not reach it
-        for logged in self.store.client.get_metric_history(run.info.run_id, select_metric):
-            if str(logged.step) != cut_short:
-                trial.report(float(logged.value), logged.step)
+        history = {m.step: m.value for m in self.store.client.get_metric_history(run.info.run_id, select_metric)}
+        for step, value in tracking.epochs_reached(run, history).items():
+            trial.report(float(value), step)
 
     def summary_plan(self, before: set[int]) -> sweep.Plan:
         """The study's trials as a sweep plan: finished before this command (shown SKIPPED) and this command's."""

@@ -335,6 +335,16 @@ def set_tags(tags: Mapping[str, str]) -> None:
         mlflow.set_tags(dict(tags))
 
 
+def epochs_reached(run: Run, history: Mapping[int, float]) -> dict[int, float]:
+    """`history` (a metric of `run` per epoch) without the epoch the divergence guard cut short.
+
+    Counted, that part-epoch at chance level would lower a median and swell a rung: every grid at a high
+    learning rate would prune less.
+    """
+    cut_short = run.data.tags.get(CUT_SHORT_EPOCH_TAG)
+    return {step: value for step, value in history.items() if cut_short is None or step != int(cut_short)}
+
+
 def logged_steps(client: MlflowClient, run_id: str) -> set[int]:
     """The epochs whose metrics the run already has (a resumed run logs each epoch once)."""
     return {metric.step for metric in client.get_metric_history(run_id, "test_acc")}
