@@ -4,7 +4,7 @@ For each model (M2.2.32.32, M3.3.32.32, M1.3.32.32 by default):
 - naive: torchvision's FashionMNIST with transforms.ToTensor(), DataLoader(batch_size=64, shuffle=True),
   torch.optim.Adam with its defaults, fp32, a tutorial's loop (batch to the device, zero_grad, forward,
   loss, backward, step, loss.item()), with torch's default thread count;
-- package: fashioncnn.train.train() itself, with the package's default config (plus any --set overrides).
+- package: fashioncnn.core.loop.train() itself, with the package's default config (plus any --set overrides).
 Both start from the same initial weights. The package trains one run of short epochs of `steps`
 batches; after every epoch its on_epoch callback has the naive loop run `steps` batches, so the two
 alternate, never running at the same time. The first round is the warm-up. Images/s is taken per
@@ -49,7 +49,6 @@ import platform
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -61,11 +60,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fashioncnn.config import register_schema, speed_keys
-from fashioncnn.preflight import jobs_of
-from fashioncnn.data import FILES, FashionMNIST, load, locate
-from fashioncnn.model import ModelSpec, build_model
-from fashioncnn.train import EpochMetrics, bf16_is_native, evaluate, resolve_device, train, training_network, use_bf16
+from fashioncnn.core.config import register_schema, speed_keys
+from fashioncnn.core.data import FILES, FashionMNIST, load, locate
+from fashioncnn.core.loop import EpochMetrics, evaluate, train
+from fashioncnn.core.machine import bf16_is_native, resolve_device, training_network, use_bf16
+from fashioncnn.core.model import ModelSpec, build_model
+from fashioncnn.sweep.preflight import jobs_of
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results.json"

@@ -1,6 +1,6 @@
 """Cost of the per-epoch checkpoint, as a fraction of the epoch it protects.
 
-For each model: the seconds of one `save_checkpoint` (model + Adam state + RNG states, written
+For each model: the seconds of one `save_atomically` (model + Adam state + RNG states, written
 atomically) against the seconds of one training epoch at batch 64 (timed steps x 938 steps; the test
 pass is left out, which makes the fraction an upper bound). Run: .venv/bin/python benchmarks/checkpoint_overhead.py
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fashioncnn.model import ModelSpec, build_model
-from fashioncnn.train import save_checkpoint
+from fashioncnn.core.model import ModelSpec, build_model
+from fashioncnn.job.checkpoints import save_atomically
 
 STEPS_PER_EPOCH = 938  # 60,000 images at batch 64
 
@@ -44,9 +44,9 @@ def measure(name: str, timed_steps: int = 30, saves: int = 5) -> dict[str, float
         path = Path(folder) / "run.pt"
         for _ in range(saves):
             started = time.perf_counter()
-            save_checkpoint(path, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            order_rng=torch.Generator().get_state(), torch_rng=torch.get_rng_state(),
-                            history=[], images_seen=0)
+            save_atomically(path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                        order_rng=torch.Generator().get_state(), torch_rng=torch.get_rng_state(),
+                                        history=[], images_seen=0))
             save_seconds.append(time.perf_counter() - started)
         size_mb = path.stat().st_size / 1e6
     save = statistics.median(save_seconds)

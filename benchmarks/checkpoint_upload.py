@@ -2,7 +2,7 @@
 
 Starts `python -m fashioncnn.server --backend sqlite` on a free loopback port, then for each model
 saves one checkpoint as the training loop does (model + Adam state after a step, best weights) and
-uploads it `--uploads` times with `MlflowClient.log_artifact`, as fashioncnn.checkpoints' background
+uploads it `--uploads` times with `MlflowClient.log_artifact`, as fashioncnn.job.checkpoints' background
 thread does, deleting the previous one each time. Prints the size, the median seconds per upload and
 per delete, and writes benchmarks/results-checkpoint-upload.json.
 Run: .venv/bin/python benchmarks/checkpoint_upload.py
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
-from fashioncnn.model import ModelSpec, build_model
-from fashioncnn.train import save_checkpoint
+from fashioncnn.core.model import ModelSpec, build_model
+from fashioncnn.job.checkpoints import save_atomically
 
 
 def free_port() -> int:
@@ -46,9 +46,9 @@ def checkpoint_file(name: str, folder: Path) -> Path:
     F.cross_entropy(model(torch.randn(64, 1, 28, 28)), torch.randint(0, 10, (64,))).backward()
     optimizer.step()
     path = folder / f"{name}.pt"
-    save_checkpoint(path, model=model.state_dict(), optimizer=optimizer.state_dict(), order_rng=torch.Generator().get_state(),
-                    torch_rng=torch.get_rng_state(), history=[], images_seen=0, best_epoch=1,
-                    best_model={k: v.clone() for k, v in model.state_dict().items()})
+    save_atomically(path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(), order_rng=torch.Generator().get_state(),
+                               torch_rng=torch.get_rng_state(), history=[], images_seen=0, best_epoch=1,
+                               best_model={k: v.clone() for k, v in model.state_dict().items()}))
     return path
 
 
@@ -93,7 +93,7 @@ def main() -> None:
             server.wait(timeout=60)
     Path(args.out).write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                           "load_average_1m": round(os.getloadavg()[0], 1), "uploads_per_model": args.uploads,
-                                          "server": "fashioncnn.server --backend sqlite on 127.0.0.1, proxied artifacts",
+                                          "server": "fashioncnn.cluster.server --backend sqlite on 127.0.0.1, proxied artifacts",
                                           "results": results}, indent=2) + "\n")
 
 

@@ -1,4 +1,4 @@
-"""Cost of `serving.log_model` at the end of a run: seconds per call and megabytes it stores.
+"""Cost of `flavor.log_model` at the end of a run: seconds per call and megabytes it stores.
 
 For each model (untrained weights: size and time do not depend on their values, and the network is left
 channels_last, as train() leaves it): `--calls` runs in a temporary sqlite store, each logging the model
@@ -24,9 +24,9 @@ from urllib.parse import urlparse
 
 import mlflow
 import torch
+from fashioncnn.serving import flavor
 
-from fashioncnn import serving
-from fashioncnn.model import ModelSpec, build_model, count_parameters
+from fashioncnn.core.model import ModelSpec, build_model, count_parameters
 
 MODELS = ("M2.2.32.32", "M1.3.32.32")
 
@@ -48,7 +48,7 @@ def measure(name: str, calls: int, experiment_id: str) -> dict:
     for _ in range(calls):
         with mlflow.start_run(experiment_id=experiment_id, run_name=name):
             started = time.perf_counter()
-            info = serving.log_model(network)
+            info = flavor.log_model(network)
             seconds.append(time.perf_counter() - started)
         folder = Path(urlparse(mlflow.MlflowClient().get_logged_model(info.model_id).artifact_location).path)
         sizes.append(folder_mb(folder))

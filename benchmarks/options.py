@@ -4,7 +4,7 @@
 
 Each variant (a list of config overrides on top of the package defaults; "" is the defaults) trains in
 its own worker process, so process-wide settings (threads, reuse_memory, torch.compile's caches) cannot
-leak between variants. Every worker runs one fashioncnn.train.train() of `rounds + 1` short epochs of
+leak between variants. Every worker runs one fashioncnn.core.loop.train() of `rounds + 1` short epochs of
 `steps` batches and pauses after each epoch until told to go on; the variants take turns epoch by epoch
 (the order rotating every round), so load from other processes hits them alike. The first epoch is the
 warm-up (for compile=true it holds the compilation) and is reported separately. Prints, per variant,
@@ -19,19 +19,18 @@ import shlex
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 BATCH = 64
 
 
 def worker(model_name: str, overrides: list[str], steps: int, rounds: int, data_dir: str) -> None:
     import torch
-
     from bench import chunk_of, cpu_snapshot, device_of, foreign_load, package_config  # benchmarks/ is on sys.path
-    from fashioncnn.config import register_schema
-    from fashioncnn.data import load
-    from fashioncnn.model import ModelSpec, build_model
-    from fashioncnn.train import train
+
+    from fashioncnn.core.config import register_schema
+    from fashioncnn.core.data import load
+    from fashioncnn.core.loop import train
+    from fashioncnn.core.model import ModelSpec, build_model
 
     register_schema()
     spec = ModelSpec.from_name(model_name)

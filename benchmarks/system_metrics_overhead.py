@@ -38,10 +38,10 @@ IDLE = textwrap.dedent("""
 
 TRAIN = textwrap.dedent("""
     import sys, time, mlflow, torch
-    from fashioncnn.preflight import jobs_of
-    from fashioncnn.data import load
-    from fashioncnn.model import ModelSpec, build_model
-    from fashioncnn.train import train
+    from fashioncnn.sweep.preflight import jobs_of
+    from fashioncnn.core.data import load
+    from fashioncnn.core.model import ModelSpec, build_model
+    from fashioncnn.core.loop import train
     mlflow.set_tracking_uri(sys.argv[1])
     on = sys.argv[2] == "on"
     cfg = jobs_of(["epochs=1", f"subset={sys.argv[3]}", "device=cpu"])[0][1]

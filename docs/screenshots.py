@@ -32,8 +32,9 @@ import aiohttp  # a dependency of MLflow
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from fashioncnn.links import run_url, sweep_url, ui_base_for  # noqa: E402
-from fashioncnn.tracking import ROLE_TAG, default_tracking_uri  # noqa: E402
+from fashioncnn.tracking.links import run_url, sweep_url, ui_base_for
+from fashioncnn.tracking.names import ROLE_TAG
+from fashioncnn.tracking.stores import default_tracking_uri
 
 WIDTH, HEIGHT = 1600, 900
 PARENT_HEIGHT = 1050  # the parent run's page: its leaderboard, metrics and params
@@ -153,7 +154,7 @@ async def shoot(chromium: str, base: str, experiment_id: str, sweep_id: str, par
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
-    parser.add_argument("--base", help="the running UI (default: as fashioncnn.links chooses, http://127.0.0.1:5000 for a local store)")
+    parser.add_argument("--base", help="the running UI (default: as fashioncnn.tracking.links chooses, http://127.0.0.1:5000 for a local store)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = parser.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

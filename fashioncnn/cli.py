@@ -10,15 +10,29 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from fashioncnn import overrides, search, sources, sweep
-from fashioncnn.config import ConfigError
+from fashioncnn.core import sources
+from fashioncnn.core.config import ConfigError
+from fashioncnn.sweep import launch, overrides, search
+from fashioncnn.sweep.plan import plan as plan_grid
 
 # Flags that only show things: Hydra answers them itself, nothing is planned or trained.
 _HYDRA_ONLY = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
 _ONE_JOB_ONLY = ("--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")  # Hydra refuses these with -m
 
 
+def register_plugins() -> None:
+    """fashioncnn's sweepers, for Hydra: an editable install hides them from Hydra's scan of hydra_plugins.
+    Registering is idempotent."""
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.fashioncnn_plugins.optuna_sweeper import OptunaSweeper
+    from hydra_plugins.fashioncnn_plugins.plan_sweeper import PlanSweeper
+
+    Plugins.instance().register(PlanSweeper)
+    Plugins.instance().register(OptunaSweeper)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    register_plugins()
     typed = list(sys.argv[1:] if argv is None else argv)
     dry_run = "--dry-run" in typed
     args, team_dirs = sources.take_config_dirs([a for a in typed if a != "--dry-run"])
@@ -42,14 +56,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"notice: {notice}", file=sys.stderr)
         args = sources.with_search_path(args, team_dirs)
         if any(flag in args for flag in _HYDRA_ONLY):
-            sweep.show(args)
+            launch.show(args)
             return
-        plan = search.plan(args, typed, options, space) if space is not None else sweep.plan(args, typed, options)
+        plan = search.plan(args, typed, options, space) if space is not None else plan_grid(args, typed, options)
     except ConfigError as error:
         _fail(str(error))
     if dry_run:
-        from fashioncnn import estimate
-        from fashioncnn.tracking import mask_secrets
+        from fashioncnn.sweep import estimate
+        from fashioncnn.tracking.secrets import mask_secrets
 
         print(plan.describe())
         if isinstance(plan, search.SearchPlan):  # its trials' models are not known before they are sampled
@@ -63,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"estimated training time: not available ({mask_secrets(reason)})")
         return
     try:
-        sys.exit(search.run(plan) if isinstance(plan, search.SearchPlan) else sweep.run(plan))
+        sys.exit(search.run(plan) if isinstance(plan, search.SearchPlan) else launch.run(plan))
     except ConfigError as error:  # the store could not be created
         _fail(str(error))
 

@@ -103,12 +103,12 @@ def postgres_server():
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A real single-node SLURM cluster on 127.0.0.1 (fashioncnn.slurm_cluster), stopped after the session.
+    """A real single-node SLURM cluster on 127.0.0.1 (fashioncnn.cluster.slurm), stopped after the session.
 
     Debian's slurmctld, slurmd and munge are installed when missing; the tests skip only where that
     cannot be done (no apt-get, neither root nor sudo).
     """
-    from fashioncnn.slurm_cluster import Cluster, ClusterError, install_packages
+    from fashioncnn.cluster.slurm import Cluster, ClusterError, install_packages
 
     try:
         install_packages()

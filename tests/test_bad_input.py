@@ -4,11 +4,10 @@ import gzip
 import shutil
 
 import pytest
-
-from fashioncnn.data import DEBIAN_DIR, DataDamagedError, read_idx
-from fashioncnn.train import DivergenceGuard
-
 from conftest import run_cli, write_idx
+
+from fashioncnn.core.data import DEBIAN_DIR, DataDamagedError, read_idx
+from fashioncnn.core.loop import DivergenceGuard
 
 needs_data = pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")
 

@@ -5,17 +5,17 @@ import math
 
 import pytest
 import torch
+from test_speed import tiny_data
 from torch import nn
 
-from fashioncnn import train as train_module
-from fashioncnn.data import MEAN, STD
-from fashioncnn.model import ModelSpec, build_model, count_parameters, run_name
-from fashioncnn.preflight import jobs_of
-from fashioncnn.sources import group_options
-from fashioncnn.sweep import fingerprint
-from fashioncnn.train import augment, make_scheduler, precision_used, train, use_bf16
-
-from test_speed import tiny_data
+from fashioncnn.core import loop, machine
+from fashioncnn.core.data import MEAN, STD
+from fashioncnn.core.loop import augment, make_scheduler, train
+from fashioncnn.core.machine import precision_used, use_bf16
+from fashioncnn.core.model import ModelSpec, build_model, count_parameters, run_name
+from fashioncnn.core.sources import group_options
+from fashioncnn.sweep.plan import fingerprint
+from fashioncnn.sweep.preflight import jobs_of
 
 CPU = torch.device("cpu")
 SMALL = ["model.filter_in=8", "model.filter_out=8", "epochs=2", "device=cpu"]
@@ -92,7 +92,7 @@ def test_augmentation_touches_training_batches_only(monkeypatch):
         calls.append(len(images))
         return augment(images, *args)
 
-    monkeypatch.setattr(train_module, "augment", counting)
+    monkeypatch.setattr(loop, "augment", counting)
     cfg = compose(*SMALL, "epochs=1", "augment=flip_crop", "batch_size=64")
     run(cfg, tiny_data(train_count=192, test_count=64))
     assert calls == [64, 64, 64]  # three training batches; validation and test images never pass through it
@@ -128,20 +128,20 @@ def test_label_smoothing_reaches_the_training_loss_only(monkeypatch):
         seen.append(kwargs.get("label_smoothing", 0.0))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train_module.F, "cross_entropy", spy)
+    monkeypatch.setattr(loop.F, "cross_entropy", spy)
     run(compose(*SMALL, "epochs=1", "label_smoothing=0.2", "batch_size=64"), tiny_data(train_count=128))
     assert seen[:2] == [0.2, 0.2] and set(seen[2:]) == {0.0}  # two training batches, then the evaluations
 
 
 def test_precision_auto_is_bf16_exactly_where_it_is_native(monkeypatch, caplog):
-    monkeypatch.setattr(train_module, "bf16_is_native", lambda device: False)
+    monkeypatch.setattr(machine, "bf16_is_native", lambda device: False)
     with caplog.at_level(logging.WARNING, logger="fashioncnn.train"):
         assert precision_used("auto", CPU) == "fp32" and use_bf16(compose("precision=auto"), CPU) is False
     assert not caplog.records  # auto says nothing where bf16 is not native; precision=bf16 does
     assert compose().precision.value == "auto"
     fp32_machine = fingerprint(compose("device=cpu"))
     assert fp32_machine == fingerprint(compose("device=cpu", "precision=fp32"))  # the fp32 path keeps its runs
-    monkeypatch.setattr(train_module, "bf16_is_native", lambda device: True)
+    monkeypatch.setattr(machine, "bf16_is_native", lambda device: True)
     assert precision_used("auto", CPU) == "bf16" and use_bf16(compose("precision=auto"), CPU) is True
     assert fingerprint(compose("device=cpu")) == fingerprint(compose("device=cpu", "precision=bf16")) != fp32_machine
     assert precision_used("fp32", CPU) == "fp32"

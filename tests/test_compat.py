@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -23,8 +22,8 @@ DATA = Path(__file__).resolve().parent / "data"
 
 @pytest.mark.slow
 def test_every_recorded_configuration_keeps_its_fingerprint():
-    from fashioncnn.preflight import jobs_of
-    from fashioncnn.sweep import fingerprint
+    from fashioncnn.sweep.plan import fingerprint
+    from fashioncnn.sweep.preflight import jobs_of
 
     recorded = json.loads((DATA / "fingerprints-v0.1.json").read_text())
     by_command: dict[tuple[str, ...], dict[int, str]] = {}

@@ -1,12 +1,11 @@
 """Composition of the config groups, the numeric command line, and one-line errors for every bad value."""
 
 import pytest
-
-from fashioncnn.config import ConfigError, register_schema
-from fashioncnn.preflight import jobs_of
-from fashioncnn.sources import group_options
-
 from conftest import run_cli
+
+from fashioncnn.core.config import ConfigError, register_schema
+from fashioncnn.core.sources import group_options
+from fashioncnn.sweep.preflight import jobs_of
 
 register_schema()
 

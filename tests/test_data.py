@@ -3,10 +3,9 @@ import gzip
 import numpy as np
 import pytest
 import torch
-
-from fashioncnn.data import DEBIAN_DIR, DataNotFoundError, MEAN, STD, load, locate, read_idx
-
 from conftest import write_idx
+
+from fashioncnn.core.data import DEBIAN_DIR, MEAN, STD, DataNotFoundError, load, locate, read_idx
 
 
 def test_reads_gzipped_and_plain_idx_files(tmp_path):
@@ -62,7 +61,7 @@ def test_wrong_counts_and_labels_are_refused(tiny_dataset):
 
 
 def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("fashioncnn.data.DEBIAN_DIR", tmp_path / "no-debian-package")
+    monkeypatch.setattr("fashioncnn.core.data.DEBIAN_DIR", tmp_path / "no-debian-package")
     with pytest.raises(DataNotFoundError) as caught:
         locate(tmp_path / "empty", download=False)
     message = str(caught.value)

@@ -4,16 +4,14 @@ and metrics, and the divergence guard at the issue's lr=1e6."""
 import time
 
 import pytest
-
 import torch
 from mlflow.entities import Run, RunData, RunInfo, RunTag
-
-from fashioncnn.checkpoints import LocalCheckpoints
-from fashioncnn.lease import HEARTBEAT_TAG, held_elsewhere
-from fashioncnn.model import ModelSpec, build_model
-from fashioncnn.train import train
-
 from test_speed import CPU, compose, tiny_data
+
+from fashioncnn.core.loop import train
+from fashioncnn.core.model import ModelSpec, build_model
+from fashioncnn.job.checkpoints import LocalCheckpoints
+from fashioncnn.job.lease import HEARTBEAT_TAG, held_elsewhere
 
 
 def a_run(status: str, heartbeat: float | None) -> Run:
@@ -56,7 +54,7 @@ def test_a_dataset_insert_lost_to_a_concurrent_job_is_retried_and_other_errors_a
     # Two SLURM jobs of one sweep logging the same new dataset at once: PostgreSQL refused the second insert.
     import mlflow
 
-    from fashioncnn import tracking
+    from fashioncnn.tracking import record
 
     calls = []
 
@@ -66,7 +64,7 @@ def test_a_dataset_insert_lost_to_a_concurrent_job_is_retried_and_other_errors_a
             raise mlflow.exceptions.MlflowException('duplicate key value violates unique constraint "dataset_pk"')
 
     monkeypatch.setattr(mlflow, "log_input", log_input)
-    tracking._log_input_once_created(object(), "train", {})
+    record._log_input_once_created(object(), "train", {})
     assert calls == ["train", "train"]
 
     def refuse(dataset, context, tags):
@@ -74,4 +72,4 @@ def test_a_dataset_insert_lost_to_a_concurrent_job_is_retried_and_other_errors_a
 
     monkeypatch.setattr(mlflow, "log_input", refuse)
     with pytest.raises(mlflow.exceptions.MlflowException, match="run gone"):
-        tracking._log_input_once_created(object(), "train", {})
+        record._log_input_once_created(object(), "train", {})

@@ -1,10 +1,9 @@
 import pytest
 import torch
+from conftest import run_cli
 
-from fashioncnn.config import ConfigError
-from fashioncnn.model import ModelSpec, build_model, count_parameters
-
-from conftest import REPO, run_cli
+from fashioncnn.core.config import ConfigError
+from fashioncnn.core.model import ModelSpec, build_model, count_parameters
 
 # Published in the study (seed-study.md), and derived from its description for the rest of its grid.
 PUBLISHED = {"M2.2.32.32": 679_466, "M3.3.32.32": 29_482}

@@ -2,7 +2,7 @@
 commands, training through a tracking-server outage, a fresh sqlite store opened by two processes at once,
 and an epoch's metrics logged once after a kill between its checkpoint and its metrics.
 
-Real subprocess sweeps on small subsets of the real data, a real `fashioncnn.server --backend sqlite` on
+Real subprocess sweeps on small subsets of the real data, a real `fashioncnn.cluster.server --backend sqlite` on
 loopback; MLflow's HTTP retry budget is shortened through its environment variables, the package's waits
 through config keys.
 """
@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port, local_store, run_cli, runs_of, start_server
 from mlflow.tracking import MlflowClient
 
-from fashioncnn.data import DEBIAN_DIR
-
-from conftest import free_port, local_store, run_cli, runs_of, start_server
+from fashioncnn.core.data import DEBIAN_DIR
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")]
 

@@ -2,13 +2,12 @@
 command line and from a preset, rewritten on Hydra's own override parser."""
 
 import pytest
-
-from fashioncnn.config import ConfigError
-from fashioncnn.overrides import display, display_all, rewrite, split_flags
-from fashioncnn.preflight import jobs_of
-from fashioncnn.sources import group_options
-
 from conftest import run_cli
+
+from fashioncnn.core.config import ConfigError
+from fashioncnn.core.sources import group_options
+from fashioncnn.sweep.overrides import display, display_all, rewrite, split_flags
+from fashioncnn.sweep.preflight import jobs_of
 
 OPTIONS = {"conv": ["1", "2", "3"], "lin": ["2", "3", "4"], "channels": ["16.32", "32.32", "32.64", "64.128"],
            "lr": ["0.0005", "0.001", "0.005", "0.01"]}

@@ -12,20 +12,31 @@ import re
 import time
 
 import pytest
+from conftest import local_store, run_cli, runs_of
 from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
 
-from fashioncnn import estimate, report
-from fashioncnn.config import ConfigError, register_schema
-from fashioncnn.data import DEBIAN_DIR
-from fashioncnn.model import ModelSpec
-from fashioncnn.preflight import jobs_of
-from fashioncnn.results import selectable
-from fashioncnn.prune import (AshaPruner, FirstToStop, MedianPruner, NeverPrune, Siblings, asha_rungs, asha_verdict, best_so_far,
-                              make_pruner, median_verdict, saved_seconds)
-from fashioncnn.sweep import fingerprint
-from fashioncnn.train import EpochMetrics
-
-from conftest import local_store, run_cli, runs_of
+from fashioncnn.core.config import ConfigError, register_schema
+from fashioncnn.core.data import DEBIAN_DIR
+from fashioncnn.core.loop import EpochMetrics
+from fashioncnn.core.model import ModelSpec
+from fashioncnn.job.pruning import (
+    AshaPruner,
+    FirstToStop,
+    MedianPruner,
+    NeverPrune,
+    Siblings,
+    asha_rungs,
+    asha_verdict,
+    best_so_far,
+    make_pruner,
+    median_verdict,
+    saved_seconds,
+)
+from fashioncnn.sweep import estimate
+from fashioncnn.sweep.plan import fingerprint
+from fashioncnn.sweep.preflight import jobs_of
+from fashioncnn.results import report
+from fashioncnn.tracking.queries import selectable
 
 register_schema()
 
@@ -93,15 +104,15 @@ SIBLINGS = [{1: 0.70, 2: 0.80, 3: 0.85, 4: 0.86}, {1: 0.72, 2: 0.79, 3: 0.84, 4:
 
 
 def test_siblings_from_the_store_a_diverged_run_did_not_reach_its_last_epoch(tmp_path):
-    from fashioncnn import tracking
+    from fashioncnn.tracking import names, stores
 
-    store = tracking.Store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store = stores.Store(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = store.client
     experiment_id = client.create_experiment("siblings")
 
     def run(fingerprint, test_acc, sweep="s1", **tags):
-        made = client.create_run(experiment_id, tags={tracking.SWEEP_TAG: sweep, tracking.FINGERPRINT_TAG: fingerprint,
-                                                       tracking.ROLE_TAG: "job", **tags})
+        made = client.create_run(experiment_id, tags={names.SWEEP_TAG: sweep, names.FINGERPRINT_TAG: fingerprint,
+                                                       names.ROLE_TAG: "job", **tags})
         client.log_batch(made.info.run_id, [Metric("test_acc", value, 0, step) for step, value in test_acc.items()])
         client.set_terminated(made.info.run_id, "FINISHED")
         return made.info.run_id

@@ -7,11 +7,10 @@ import sys
 import time
 
 import pytest
+from conftest import local_store, run_cli, runs_of
 from mlflow.tracking import MlflowClient
 
-from fashioncnn.data import DEBIAN_DIR
-
-from conftest import local_store, run_cli, runs_of
+from fashioncnn.core.data import DEBIAN_DIR
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")]
 

@@ -8,15 +8,14 @@ import time
 
 import optuna
 import pytest
+from conftest import local_store, run_cli, runs_of
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from fashioncnn import search
-from fashioncnn.config import ConfigError
-from fashioncnn.data import DEBIAN_DIR
-from fashioncnn.sources import group_options
-
-from conftest import local_store, run_cli, runs_of
+from fashioncnn.core.config import ConfigError
+from fashioncnn.core.data import DEBIAN_DIR
+from fashioncnn.core.sources import group_options
+from fashioncnn.sweep import search
 
 OPTIONS = group_options()
 needs_data = pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")

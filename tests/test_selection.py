@@ -3,17 +3,16 @@
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx
 from mlflow.entities import Param, Run, RunData, RunInfo
 
-from fashioncnn.config import ConfigError, ranking_metric
-from fashioncnn.data import load, validation_indices
-from fashioncnn.model import ModelSpec, build_model
-from fashioncnn.preflight import jobs_of
-from fashioncnn.results import ResultsError, resolve_metric
-from fashioncnn.sweep import fingerprint
-from fashioncnn.train import EpochMetrics, improves, train
-
-from conftest import write_idx
+from fashioncnn.core.config import ConfigError, ranking_metric
+from fashioncnn.core.data import load, validation_indices
+from fashioncnn.core.loop import EpochMetrics, improves, train
+from fashioncnn.core.model import ModelSpec, build_model
+from fashioncnn.sweep.plan import fingerprint
+from fashioncnn.sweep.preflight import jobs_of
+from fashioncnn.tracking.queries import ResultsError, resolve_metric
 
 
 def compose(*args):
@@ -40,7 +39,7 @@ def test_subset_trains_on_the_rest_and_validates_on_the_same_hold_out(tmp_path):
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", (np.arange(count) % 10).astype(np.uint8))
 
     def ids(tensor):  # back from normalised pixels to the image index
-        from fashioncnn.data import MEAN, STD
+        from fashioncnn.core.data import MEAN, STD
         return sorted(round(float(v) * STD * 255 + MEAN * 255) for v in tensor[:, 0, 0, 0])
 
     whole = load(tmp_path, val_size=20, expected_counts=(100, 20), download=False)
@@ -121,8 +120,11 @@ def test_ranking_follows_the_runs_selection_metric():
         resolve_metric([run_with("val_acc"), run_with("test_acc")], "auto")
 
 
-def test_keys_added_since_keep_the_fingerprints_of_earlier_runs():
+def test_keys_added_since_keep_the_fingerprints_of_earlier_runs(monkeypatch):
     # Before the speed node, validation splits and divergence.max_loss, the fingerprint hashed exactly these keys.
+    from fashioncnn.core import machine
+
+    monkeypatch.setattr(machine, "bf16_is_native", lambda device: False)  # a machine without native bf16
     import hashlib
     import json
 
@@ -134,7 +136,7 @@ def test_keys_added_since_keep_the_fingerprints_of_earlier_runs():
     earlier["divergence"] = {key: value for key, value in earlier["divergence"].items() if key != "max_loss"}
     earlier["model"] = {key: value for key, value in earlier["model"].items() if key not in ("norm", "dropout")}
     earlier["debug"] = {"fail_at_epoch": None}  # debug.exit_after_checkpoint came later
-    earlier["precision"] = "fp32"  # auto, on a machine without native bf16 (this one: see test_beyond for the other)
+    earlier["precision"] = "fp32"  # auto, on a machine without native bf16 (see test_beyond for the other)
     assert content["precision"] == "auto"
     assert fingerprint(cfg) == hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()[:16]
     assert fingerprint(compose("val_size=0", "select_metric=test_acc", "divergence.max_loss=50")) != fingerprint(
@@ -159,8 +161,9 @@ def made_up_runs(tmp_path, configs):
 
 
 def test_configurations_rank_by_the_mean_of_their_seeds(tmp_path):
-    from fashioncnn.results import rank_configurations, within_noise
-    from fashioncnn.retrain import pick
+    from fashioncnn.results.retrain import pick
+
+    from fashioncnn.tracking.queries import rank_configurations, within_noise
 
     # lr 0.01 has the single best run (0.95) but the lower mean; lr 0.001 is better on average.
     _, runs = made_up_runs(tmp_path, {"0.01": [0.95, 0.80, 0.81], "0.001": [0.90, 0.91, 0.89], "0.1": [0.5]})
@@ -176,7 +179,7 @@ def test_configurations_rank_by_the_mean_of_their_seeds(tmp_path):
 
 
 def test_the_registry_takes_the_best_configuration_by_its_mean(tmp_path):
-    from fashioncnn.register import best_configuration
+    from fashioncnn.serving.register import best_configuration
 
     _, runs = made_up_runs(tmp_path, {"0.01": [0.95, 0.80, 0.81], "0.001": [0.90, 0.91, 0.89]})
     best = best_configuration(runs, "best_val_acc", "seeds")
@@ -185,7 +188,7 @@ def test_the_registry_takes_the_best_configuration_by_its_mean(tmp_path):
 
 @pytest.mark.slow
 def test_the_report_says_whether_the_top_two_differ_by_more_than_seed_noise(tmp_path):
-    from fashioncnn import report
+    from fashioncnn.results import report
 
     client, _ = made_up_runs(tmp_path, {"0.01": [0.95, 0.80, 0.81], "0.001": [0.90, 0.91, 0.89]})
     built = report.build(["seeds"], tmp_path / "report", uri=client.tracking_uri, attach=False)
@@ -199,7 +202,7 @@ def test_the_report_says_whether_the_top_two_differ_by_more_than_seed_noise(tmp_
 
 
 def test_seconds_to_90_counts_training_time_until_the_accuracy_first_reaches_it():
-    from fashioncnn.train import TrainResult
+    from fashioncnn.core.loop import TrainResult
 
     history = [EpochMetrics(e, 1, 1, 1, test, 10.0, None, val) for e, val, test in ((1, 0.85, 0.91), (2, 0.90, 0.89), (3, 0.95, 0.95))]
     assert TrainResult(history=history).seconds_to_90 == 20.0  # by validation accuracy where there is one

@@ -10,12 +10,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port, have_postgres, run_cli, start_server, stop_server
 from mlflow.tracking import MlflowClient
 
-from fashioncnn.data import DEBIAN_DIR
-from fashioncnn.server import _as_postgres_user, _postgres_bin
-
-from conftest import free_port, have_postgres, run_cli, start_server, stop_server
+from fashioncnn.cluster.server import _as_postgres_user, _postgres_bin
+from fashioncnn.core.data import DEBIAN_DIR
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")]
 

@@ -20,15 +20,14 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 
-from fashioncnn import predict, register, serving
-from fashioncnn.data import MEAN, STD
-from fashioncnn.model import ModelSpec, build_model
-from fashioncnn.results import ResultsError
-
-from conftest import write_idx
+from fashioncnn.core.data import MEAN, STD
+from fashioncnn.core.model import ModelSpec, build_model
+from fashioncnn.serving import flavor, predict, register
+from fashioncnn.tracking.queries import ResultsError
 
 # Made-up runs without a select_metric param rank, like runs from before validation splits, by max_test_acc.
 RANKED_BY = "max_test_acc"
@@ -82,7 +81,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
                               tags={"fashioncnn.role": "job", "sweep_id": SWEEP, "model_name": "M2.2.8.8"}) as run:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                info = serving.log_model(network)
+                info = flavor.log_model(network)
             mlflow.log_metric(RANKED_BY, 0.80)
     finally:
         mlflow.set_tracking_uri(previous)
@@ -109,7 +108,7 @@ def registered(store: dict) -> subprocess.CompletedProcess:
 
 
 def test_classifier_takes_batches_with_or_without_the_channel_axis_and_returns_probabilities():
-    classifier = serving.Classifier(build_model(ModelSpec(2, 2, 8, 8))).eval()
+    classifier = flavor.Classifier(build_model(ModelSpec(2, 2, 8, 8))).eval()
     images, _ = synthetic_batch(5, 0)
     with torch.no_grad():
         with_channel, without = classifier(images), classifier(images[:, 0])
@@ -127,7 +126,7 @@ def test_log_model_makes_a_logged_model_of_the_run_and_leaves_the_network_as_it_
     signature = {key: json.loads(text) for key, text in info.signature.to_dict().items() if text}
     assert signature == {"inputs": [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 1, 28, 28]}}],
                          "outputs": [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 10]}}]}
-    assert serving.model_uri_of_run(client, store["run_id"]) == info.model_uri
+    assert flavor.model_uri_of_run(client, store["run_id"]) == info.model_uri
     # The channels_last weights were copied to contiguous ones: torch's pt2 archive warns about the others.
     assert not [w for w in store["warnings"] if "complete tensor" in w], store["warnings"]
     assert store["network"][3].weight.is_contiguous(memory_format=torch.channels_last)
@@ -150,7 +149,7 @@ def test_the_logged_model_loads_in_a_fresh_process_and_predicts_as_the_network_d
     assert done.returncode == 0, done.stderr
     loaded = np.array(json.loads(done.stdout.splitlines()[-1]))
     with torch.no_grad():
-        expected = serving.Classifier(store["network"]).eval()(torch.from_numpy(batch)).numpy()
+        expected = flavor.Classifier(store["network"]).eval()(torch.from_numpy(batch)).numpy()
     assert loaded.shape == (8, 10)
     np.testing.assert_allclose(loaded.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(loaded, expected, atol=1e-5)
@@ -161,13 +160,13 @@ def test_the_logged_model_loads_in_a_fresh_process_and_predicts_as_the_network_d
 def test_model_uri_of_run_falls_back_to_a_pre_mlflow3_model_folder_and_names_a_run_without_a_model(store):
     client = store["client"]
     with pytest.raises(ResultsError, match=rf"^run {store['worse']} has no logged model: .*retrain it$"):
-        serving.model_uri_of_run(client, store["worse"])
+        flavor.model_uri_of_run(client, store["worse"])
     with pytest.raises(ResultsError, match="not found"):
-        serving.model_uri_of_run(client, "0" * 32)
+        flavor.model_uri_of_run(client, "0" * 32)
     old = client.create_run(client.get_experiment_by_name(EXPERIMENT).experiment_id, run_name="old-style")
     client.log_text(old.info.run_id, "flavors: {}\n", "model/MLmodel")
     client.set_terminated(old.info.run_id, "KILLED")  # not a candidate of the register test
-    assert serving.model_uri_of_run(client, old.info.run_id) == f"runs:/{old.info.run_id}/model"
+    assert flavor.model_uri_of_run(client, old.info.run_id) == f"runs:/{old.info.run_id}/model"
 
 
 # ------------------------------------------------------------------------------------------- register
@@ -256,10 +255,10 @@ def test_predict_prints_one_line_per_picture_and_per_image_of_an_idx_file(store,
     assert [line.split("  ")[0] for line in lines] == labels
     for line in lines:
         _, name, probability = line.split("  ")
-        assert name in serving.CLASSES and 0.1 <= float(probability) <= 1
+        assert name in flavor.CLASSES and 0.1 <= float(probability) <= 1
     with torch.no_grad():
-        expected = serving.Classifier(store["network"]).eval()(images).argmax(1)
-    assert [line.split("  ")[1] for line in lines[2:]] == [serving.CLASSES[i] for i in expected]
+        expected = flavor.Classifier(store["network"]).eval()(images).argmax(1)
+    assert [line.split("  ")[1] for line in lines[2:]] == [flavor.CLASSES[i] for i in expected]
 
 
 @pytest.mark.slow

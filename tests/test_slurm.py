@@ -10,11 +10,10 @@ import sys
 import time
 
 import pytest
+from conftest import run_cli, runs_of
 from mlflow.tracking import MlflowClient
 
-from fashioncnn.data import DEBIAN_DIR
-
-from conftest import run_cli, runs_of
+from fashioncnn.core.data import DEBIAN_DIR
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")]
 
@@ -108,7 +107,7 @@ def test_scancel_mid_epoch_ends_the_run_killed_and_the_same_command_resumes_it_w
     assert killed.info.status == "KILLED", killed.info.status
     assert killed.data.tags["error"].startswith("interrupted")
     assert 1 <= len(epochs_logged(killed.info.run_id)) < 5
-    assert "fashioncnn.job.Terminated: signal 15" in submitit_logs(sweep_dir)[task]  # SLURM's SIGTERM, not a SIGKILL
+    assert "fashioncnn.job.signals.Terminated: signal 15" in submitit_logs(sweep_dir)[task]  # SLURM's SIGTERM, not a SIGKILL
 
     # The same config uninterrupted, on this machine (basic launcher), for comparison; beside the re-run.
     reference = start_cli(["seed=2", *common, "experiment=slurm-reference"], tmp_path / "reference")

@@ -10,13 +10,20 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fashioncnn import train as train_module
-from fashioncnn.config import ConfigError, register_schema, speed_keys
-from fashioncnn.preflight import jobs_of
-from fashioncnn.data import FashionMNIST
-from fashioncnn.model import ModelSpec, build_model
-from fashioncnn.train import (WeightFirstLinear, bf16_is_native, make_optimizer, relu_after_pool, reuse_freed_memory, train,
-                              training_network, use_bf16)
+from fashioncnn.core import machine
+from fashioncnn.core.config import ConfigError, register_schema, speed_keys
+from fashioncnn.core.data import FashionMNIST
+from fashioncnn.core.loop import make_optimizer, train
+from fashioncnn.core.machine import (
+    WeightFirstLinear,
+    bf16_is_native,
+    relu_after_pool,
+    reuse_freed_memory,
+    training_network,
+    use_bf16,
+)
+from fashioncnn.core.model import ModelSpec, build_model
+from fashioncnn.sweep.preflight import jobs_of
 
 register_schema()
 CPU = torch.device("cpu")
@@ -109,25 +116,25 @@ def test_bf16_is_native_reads_the_cpu_flags(tmp_path):
 
 
 def test_bf16_turns_itself_off_with_one_line_where_not_native(monkeypatch, caplog):
-    monkeypatch.setattr(train_module, "bf16_is_native", lambda device: False)
+    monkeypatch.setattr(machine, "bf16_is_native", lambda device: False)
     with caplog.at_level(logging.WARNING, logger="fashioncnn.train"):
         assert use_bf16(compose("precision=bf16"), CPU) is False
     (record,) = caplog.records
     assert record.getMessage() == "precision=bf16: no native bf16 on this cpu (emulated bf16 is slower than fp32), training in fp32"
     caplog.clear()
     assert use_bf16(compose("precision=fp32"), CPU) is False and not caplog.records
-    monkeypatch.setattr(train_module, "bf16_is_native", lambda device: True)
+    monkeypatch.setattr(machine, "bf16_is_native", lambda device: True)
     assert use_bf16(compose("precision=bf16"), CPU) is True and not caplog.records
 
 
 def test_bf16_fallback_trains_exactly_as_fp32(monkeypatch):
-    monkeypatch.setattr(train_module, "bf16_is_native", lambda device: False)
+    monkeypatch.setattr(machine, "bf16_is_native", lambda device: False)
     assert run(compose(*SMALL, "precision=bf16")) == run(compose(*SMALL, "precision=fp32"))
 
 
 def test_bf16_where_native_trains_under_autocast(monkeypatch):
     # Pretend the CPU has native bf16: autocast is on, so the numbers differ from fp32 (and still learn).
-    monkeypatch.setattr(train_module, "bf16_is_native", lambda device: True)
+    monkeypatch.setattr(machine, "bf16_is_native", lambda device: True)
     bf16 = run(compose(*SMALL, "precision=bf16", "epochs=1"))
     assert bf16 != run(compose(*SMALL, "precision=fp32", "epochs=1"))
     assert all(0 <= acc <= 1 for _, acc, _, test_acc in bf16 for acc in (acc, test_acc))
@@ -286,13 +293,13 @@ def test_reuse_freed_memory_sets_glibcs_thresholds_and_steps_aside_without_glibc
 
 
 def test_speed_keys_are_one_node_of_the_schema_and_stay_out_of_the_fingerprint():
-    from fashioncnn.sweep import fingerprint
+    from fashioncnn.sweep.plan import fingerprint
 
     cfg = compose()
     assert set(speed_keys()) == {f"speed.{key}" for key in OmegaConf.to_container(cfg.speed)}
     assert "speed.threads" in speed_keys() and "precision" not in speed_keys()
     assert fingerprint(compose("speed.threads=1", "speed.channels_last=false", "device=cpu")) == fingerprint(cfg)
-    assert fingerprint(compose("precision=bf16")) != fingerprint(cfg) != fingerprint(compose("seed=1"))
+    assert fingerprint(compose("precision=bf16")) != fingerprint(compose("precision=fp32")) != fingerprint(compose("precision=fp32", "seed=1"))
 
 
 def _bench_module():

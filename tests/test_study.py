@@ -10,15 +10,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import REPO, local_store, run_cli, runs_of
 from mlflow.tracking import MlflowClient
 
-from fashioncnn import report, retrain, results
-from fashioncnn.model import ModelSpec, build_model, count_parameters
-from fashioncnn.preflight import jobs_of
-from fashioncnn.config import ConfigError, register_schema
-from fashioncnn.data import DEBIAN_DIR
-
-from conftest import REPO, local_store, run_cli, runs_of
+from fashioncnn.core.config import ConfigError, register_schema
+from fashioncnn.core.data import DEBIAN_DIR
+from fashioncnn.core.model import ModelSpec, build_model, count_parameters
+from fashioncnn.sweep.preflight import jobs_of
+from fashioncnn.tracking import queries
+from fashioncnn.results import report, retrain
 
 register_schema()
 needs_data = pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")
@@ -314,9 +314,9 @@ def made_up_store(tmp_path):
 def test_picks_are_the_best_finished_runs_never_failed_killed_diverged_or_parent(made_up_store):
     client, _, parent_id, ids = made_up_store
     for source, count in (("made-up", 7), ("s1", 6), (parent_id, 7)):
-        selection = results.select(client, source)
+        selection = queries.select(client, source)
         assert len(selection.runs) == count and selection.parent.info.run_id == parent_id, source
-    selection = results.select(client, parent_id)
+    selection = queries.select(client, parent_id)
     picked, candidates = retrain.pick(selection.runs, "max_test_acc", 2, None, "x")
     assert [r.info.run_id for r in picked] == [ids["b"], ids["a"]] and len(candidates) == 4
     picked, _ = retrain.pick(selection.runs, "test_loss", 3, None, "x")  # a loss: lowest first
@@ -343,4 +343,4 @@ def test_retrain_errors_are_one_line(made_up_store, capsys, tmp_path):
     assert retrain.main(["made-up", "--tracking-uri", uri]) == 2
     assert capsys.readouterr().err == ("error: experiment made-up: none of its 7 runs finished without diverging "
                                        "(4 FAILED, 2 KILLED, 1 diverged)\n")
-    assert math.isnan(results.metric(client.get_run(ids["a"]), "nope"))
+    assert math.isnan(queries.metric(client.get_run(ids["a"]), "nope"))

@@ -1,12 +1,11 @@
 """Real `python -m fashioncnn` invocations in a subprocess, on real Fashion-MNIST subsets, into a real MLflow store."""
 
-import yaml
 import pytest
+import yaml
+from conftest import local_store, run_cli, runs_of
 from mlflow.tracking import MlflowClient
 
-from fashioncnn.data import DEBIAN_DIR
-
-from conftest import local_store, run_cli, runs_of
+from fashioncnn.core.data import DEBIAN_DIR
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")]
 

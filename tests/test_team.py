@@ -3,13 +3,12 @@
 import hashlib
 
 import pytest
-
-from fashioncnn.preflight import jobs_of
-from fashioncnn.data import DEBIAN_DIR
-from fashioncnn.sources import shadowed, take_config_dirs, with_search_path
-from fashioncnn.train import resolve_device
-
 from conftest import local_store, run_cli, runs_of
+
+from fashioncnn.core.data import DEBIAN_DIR
+from fashioncnn.core.machine import resolve_device
+from fashioncnn.core.sources import shadowed, take_config_dirs, with_search_path
+from fashioncnn.sweep.preflight import jobs_of
 
 needs_data = pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")
 TINY = ["model.filter_in=4", "model.filter_out=4", "subset=64", "epochs=1"]

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from conftest import REPO, local_store, run_cli
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, local_store, run_cli
-from fashioncnn.data import DEBIAN_DIR
-from fashioncnn.links import experiment_url, experiments_url, latest_sweep_url, run_url, sweep_url, ui_base, ui_base_for
+from fashioncnn.core.data import DEBIAN_DIR
+from fashioncnn.tracking.links import experiment_url, experiments_url, latest_sweep_url, run_url, sweep_url, ui_base, ui_base_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -1,6 +1,6 @@
 """`hydra/sweeper=optuna`: a sampled search, Optuna asking for trials and told what each trial's run came to.
 
-fashioncnn.search has planned the search (space, settings, study, parent run); this sweeper runs it:
+fashioncnn.sweep.search has planned the search (space, settings, study, parent run); this sweeper runs it:
 in batches of n_jobs, it asks the study for trials, composes and checks each trial's config with
 Hydra's config loader, and decides it as a grid job is decided (a FINISHED run of the same config is
 told to Optuna from the store instead of trained; an interrupted one resumes from its checkpoint). It
@@ -31,7 +31,7 @@ class OptunaSweeper(Sweeper):
     def __init__(self, n_trials: int = 20, sampler: str = "tpe", seed: Optional[int] = 0, pruner: str = "none",
                  min_epochs: int = 1, startup_trials: int = 2, reduction_factor: int = 3, n_jobs: int = 1,
                  storage: Optional[str] = None) -> None:
-        # The settings were read and checked when the search was planned (fashioncnn.search.Settings).
+        # The settings were read and checked when the search was planned (fashioncnn.sweep.search.Settings).
         self.config: Optional[DictConfig] = None
         self.launcher: Optional[Launcher] = None
         self.hydra_context: Optional[HydraContext] = None
@@ -44,8 +44,8 @@ class OptunaSweeper(Sweeper):
 
     def compose(self, overrides: List[str]) -> DictConfig:
         """A trial's job config, as the launcher will compose it, checked as preflight checks a grid job."""
-        from fashioncnn import preflight
-        from fashioncnn.config import ConfigError
+        from fashioncnn.core.config import ConfigError
+        from fashioncnn.sweep import preflight
 
         assert self.hydra_context is not None and self.config is not None
         try:
@@ -60,9 +60,9 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> List[JobReturn]:
         from optuna.trial import TrialState
 
-        from fashioncnn import search as searching
-        from fashioncnn import tracking
-        from fashioncnn.config import ConfigError
+        from fashioncnn.core.config import ConfigError
+        from fashioncnn.sweep import search as searching
+        from fashioncnn.tracking import names
 
         assert self.config is not None and self.launcher is not None
         sweep_dir = Path(self.config.hydra.sweep.dir)
@@ -100,7 +100,7 @@ class OptunaSweeper(Sweeper):
                 if job.done is None:
                     # The newest run of this config in this sweep: the one just trained or resumed.
                     run = next((r for r in ran.get(job.fingerprint, [])
-                                if r.data.tags.get(tracking.SWEEP_TAG) == search.parent.sweep_id), None)
+                                if r.data.tags.get(names.SWEEP_TAG) == search.parent.sweep_id), None)
                     status = search.tell(trial, run, told_from_store=launched[job.fingerprint] is not trial)
                     log.info("trial #%d %s: %s", trial.number, job.command, status)
         return returns

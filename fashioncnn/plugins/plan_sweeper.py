@@ -27,7 +27,7 @@ def instantiate_launcher(hydra_context: HydraContext, task_function: TaskFunctio
 
     launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context, task_function=task_function, config=config)
     if isinstance(launcher, SlurmLauncher):
-        from fashioncnn import slurm_states
+        from fashioncnn.sweep import slurm_states
 
         slurm_states.install()
     return launcher
@@ -44,7 +44,7 @@ class PlanSweeper(Sweeper):
         self.launcher = instantiate_launcher(hydra_context, task_function, config)
 
     def sweep(self, arguments: List[str]) -> List[JobReturn]:
-        from fashioncnn.sweep import launch_list
+        from fashioncnn.sweep.launch import launch_list
 
         assert self.config is not None and self.launcher is not None
         sweep_dir = Path(self.config.hydra.sweep.dir)

@@ -1,7 +1,7 @@
 """The job's side of an Optuna trial: report the selection metric after each epoch, stop when Optuna prunes.
 
 A job launched by `hydra/sweeper=optuna` finds its study, storage, trial and pruner in its
-environment (fashioncnn.search puts them in `hydra.job.env_set`). It opens the study's RDB storage
+environment (fashioncnn.sweep.search puts them in `hydra.job.env_set`). It opens the study's RDB storage
 itself, so reports and pruning decisions go through the shared storage from any worker (joblib,
 submitit), and Optuna's pruner compares the trial with the study's other trials at the same epoch.
 """
@@ -15,14 +15,11 @@ import mlflow
 import optuna
 from omegaconf import DictConfig
 
-if TYPE_CHECKING:
-    from fashioncnn.train import EpochMetrics
+from fashioncnn.tracking.names import PRUNER_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
 
-# The trial a job belongs to, handed to it through hydra.job.env_set by fashioncnn.search.
-STUDY_ENV = "FASHIONCNN_OPTUNA_STUDY"
-STORAGE_ENV = "FASHIONCNN_OPTUNA_STORAGE"
-TRIAL_ENV = "FASHIONCNN_OPTUNA_TRIAL_ID"
-PRUNER_ENV = "FASHIONCNN_OPTUNA_PRUNER"
+if TYPE_CHECKING:
+    from fashioncnn.core.loop import EpochMetrics
+
 
 
 def make_optuna_pruner(spec: str) -> optuna.pruners.BasePruner:

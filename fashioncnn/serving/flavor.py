@@ -30,9 +30,9 @@ from torch import nn
 
 # Both torch and mlflow at the top: fashioncnn.data/model import torch and results.py imports mlflow,
 # so importing them later would save nothing. register.py imports this module only once it needs it.
-from fashioncnn.data import MEAN, STD
-from fashioncnn.model import IMAGE_SIZE, NUM_CLASSES
-from fashioncnn.results import ResultsError, mask
+from fashioncnn.core.data import MEAN, STD
+from fashioncnn.core.model import IMAGE_SIZE, NUM_CLASSES
+from fashioncnn.tracking.queries import ResultsError, mask
 
 # Fashion-MNIST's labels 0..9, in order.
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")

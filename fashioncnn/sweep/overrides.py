@@ -20,7 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Glob, Override, Quote, QuotedString, RangeSweep, ValueType
 from hydra.errors import HydraException
 
-from fashioncnn.config import LEGACY_SPEED_KEYS, ConfigError
+from fashioncnn.core.config import LEGACY_SPEED_KEYS, ConfigError
 
 # Flags of Hydra's command line that take the next argument as their value.
 FLAGS_WITH_VALUE = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun")

@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from mlflow.entities import Run, ViewType
 from omegaconf import DictConfig
 
-from fashioncnn import tracking
-from fashioncnn.config import TRAIN_SET_SIZE
-from fashioncnn.model import IMAGE_SIZE, ModelSpec, run_name
+from fashioncnn.core.config import TRAIN_SET_SIZE
+from fashioncnn.core.model import IMAGE_SIZE, ModelSpec, run_name
+from fashioncnn.tracking import stores
+from fashioncnn.tracking.names import DIVERGED_TAG
 
 if TYPE_CHECKING:
-    from fashioncnn.sweep import Plan, PlannedJob
+    from fashioncnn.sweep.plan import Plan, PlannedJob
 
 TEST_SET_SIZE = 10_000
 EVAL_SHARE = 1 / 3  # forward only, batches of 1000: about a third of a training image's cost
@@ -116,7 +117,7 @@ def cache_file() -> Path:
 def _machine_key(cfg: DictConfig) -> str:
     import torch
 
-    from fashioncnn.train import resolve_device
+    from fashioncnn.core.machine import resolve_device
 
     device = resolve_device(cfg.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
@@ -128,9 +129,10 @@ def measure_reference(cfg: DictConfig, model_name: str) -> float:
     """Seconds per training-image equivalent of `model_name` under `cfg`'s options, its second epoch on random images."""
     import torch
 
-    from fashioncnn.data import FashionMNIST
-    from fashioncnn.model import build_model
-    from fashioncnn.train import resolve_device, train
+    from fashioncnn.core.data import FashionMNIST
+    from fashioncnn.core.loop import train
+    from fashioncnn.core.machine import resolve_device
+    from fashioncnn.core.model import build_model
 
     spec = ModelSpec.from_name(model_name)
     trial = copy.deepcopy(cfg)
@@ -196,7 +198,7 @@ def machine_model(cfg: DictConfig, measure: Callable[[DictConfig, str], float] =
 
 def _finished_runs_by_model(uri: str, names: set[str]) -> dict[str, list[Run]]:
     """FINISHED, not diverged runs of these models in the store, all experiments (one search per model)."""
-    store = tracking.store(uri)
+    store = stores.store(uri)
     if not store.exists():
         return {}
     experiments = [e.experiment_id for e in store.client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
@@ -205,14 +207,14 @@ def _finished_runs_by_model(uri: str, names: set[str]) -> dict[str, list[Run]]:
         quoted = name.replace("'", "\\'")
         runs = store.client.search_runs(experiments, f"tags.model_name = '{quoted}' and attributes.status = 'FINISHED'",
                                         ViewType.ACTIVE_ONLY, max_results=200, order_by=["attributes.start_time DESC"])
-        found[name] = [r for r in runs if r.data.tags.get(tracking.DIVERGED_TAG) != "true"]
+        found[name] = [r for r in runs if r.data.tags.get(DIVERGED_TAG) != "true"]
     return found
 
 
 def _epochs_left(job: PlannedJob) -> int:
     if job.resume is None:
         return job.cfg.epochs
-    history = tracking.store(job.tracking_uri).client.get_metric_history(job.resume.info.run_id, "epoch_seconds")
+    history = stores.store(job.tracking_uri).client.get_metric_history(job.resume.info.run_id, "epoch_seconds")
     return max(0, job.cfg.epochs - len({m.step for m in history}))
 
 

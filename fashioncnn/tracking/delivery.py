@@ -21,7 +21,7 @@ from typing import Mapping
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from fashioncnn.tracking import mask_secrets
+from fashioncnn.tracking.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 

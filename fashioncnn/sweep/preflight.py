@@ -18,10 +18,10 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from fashioncnn import overrides as ov
-from fashioncnn import sources
-from fashioncnn.config import Config, ConfigError, register_schema, validate
-from fashioncnn.model import ModelSpec
+from fashioncnn.core import sources
+from fashioncnn.core.config import Config, ConfigError, register_schema, validate
+from fashioncnn.core.model import ModelSpec
+from fashioncnn.sweep import overrides as ov
 
 CONFIG_MODULE = "fashioncnn.conf"
 CONFIG_NAME = "config"
@@ -128,7 +128,7 @@ def check_machine(configs: Sequence[DictConfig], runs_here: bool) -> None:
         return  # a cluster's nodes have their own GPUs and files
     import torch
 
-    from fashioncnn.data import check_local
+    from fashioncnn.core.data import check_local
 
     for device in sorted({cfg.device for cfg in configs if str(cfg.device).startswith("cuda")}):
         if not torch.cuda.is_available():

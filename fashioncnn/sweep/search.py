@@ -14,7 +14,7 @@ The study is stored next to the tracking store (mlruns/optuna.db for a local sql
 pruner), so the same command run again resumes it: its finished trials count towards n_trials,
 trials a killed process left RUNNING are failed and queued again (their runs resume from their
 checkpoints), and the sweep's parent run re-attaches. Each trial is planned like a grid job
-(sweep.PlannedJob: fingerprint, skip a FINISHED run of the same config, resume one with a checkpoint)
+(PlannedJob: fingerprint, skip a FINISHED run of the same config, resume one with a checkpoint)
 and launched by the sweeper (hydra_plugins/fashioncnn_plugins/optuna_sweeper.py) with the study and
 trial in `hydra.job.env_set`, where the job's pruner (fashioncnn/trial_pruner.py) reports to it.
 """
@@ -40,13 +40,21 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from fashioncnn import overrides as ov
-from fashioncnn import checkpoints, preflight, sources, sweep, tracking
-from fashioncnn.config import ConfigError, register_schema
-from fashioncnn.model import run_name
-from fashioncnn.results import lower_is_better
-from fashioncnn.tracking import mask_secrets
-from fashioncnn.trial_pruner import PRUNER_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV, make_optuna_pruner, open_storage
+from fashioncnn.core import sources
+from fashioncnn.core.config import ConfigError, register_schema
+from fashioncnn.core.model import run_name
+from fashioncnn.job import checkpoints
+from fashioncnn.job.optuna_trial import make_optuna_pruner, open_storage
+from fashioncnn.sweep import overrides as ov
+from fashioncnn.sweep import preflight
+from fashioncnn.sweep.launch import close_sweep, decision, run_hydra
+from fashioncnn.sweep.parent import ParentRun
+from fashioncnn.sweep.plan import Plan, PlannedJob, fingerprint, store_error
+from fashioncnn.sweep.summary import plan_metric_of
+from fashioncnn.tracking import names, record, stores
+from fashioncnn.tracking.names import PRUNER_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
+from fashioncnn.tracking.queries import lower_is_better
+from fashioncnn.tracking.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +128,7 @@ def numeric_options(group: str, names: Sequence[str], team_dirs: Sequence[Path] 
         path = next((root.joinpath(f"{group}/{name}.yaml") for root in roots if root.joinpath(f"{group}/{name}.yaml").is_file()), None)
         if path is None:
             return None
-        leaves = list(tracking.flatten(yaml.safe_load(path.read_text()) or {}))
+        leaves = list(record.flatten(yaml.safe_load(path.read_text()) or {}))
         number = ov._as_number(name)
         if len(leaves) != 1 or number is None or isinstance(leaves[0][1], bool) or not isinstance(leaves[0][1], (int, float)) \
                 or float(leaves[0][1]) != number:
@@ -269,7 +277,7 @@ def storage_url(requested: str | None, tracking_uri: str) -> str:
     """The study's RDB storage: hydra.sweeper.storage, else optuna.db in the folder of a local sqlite tracking store."""
     if requested:
         return requested
-    path = tracking.sqlite_path(tracking_uri)
+    path = stores.sqlite_path(tracking_uri)
     if path is not None:
         return f"sqlite:///{path.parent / STORAGE_FILE}"
     if tracking_uri.startswith("file:") or "://" not in tracking_uri:
@@ -396,14 +404,14 @@ def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequen
     base = jobs[0][1]
     preflight.check_machine([cfg for _, cfg in jobs], runs_here=not any(
         arg.startswith("hydra/launcher=") and "slurm" in arg for arg in args))
-    uri = tracking.resolve_tracking_uri(base)
+    uri = stores.resolve_tracking_uri(base)
     storage = storage_url(settings.storage, uri)
     try:
-        tracking.store(uri).check_reachable()
+        stores.store(uri).check_reachable()
     except OSError as error:
-        raise sweep._store_error(uri, base.experiment, error) from error
+        raise store_error(uri, base.experiment, error) from error
     name = _study_name(space, fixed, settings, base.experiment)
-    search = SearchPlan(list(args), list(typed), space, fixed, settings, base, uri, storage, name, sweep.plan_metric_of(base))
+    search = SearchPlan(list(args), list(typed), space, fixed, settings, base, uri, storage, name, plan_metric_of(base))
     search.counts = _existing_counts(storage, name)
     return search
 
@@ -446,7 +454,7 @@ def _existing_counts(storage: str, name: str) -> dict[str, int]:
 
 
 @dataclass
-class TrialJob(sweep.PlannedJob):
+class TrialJob(PlannedJob):
     """A trial's job: launched with every override, shown (summary, leaderboard) by the values it sampled."""
 
     sampled: int = 0  # how many of the overrides, at the end, the trial sampled
@@ -459,7 +467,7 @@ class TrialJob(sweep.PlannedJob):
 class Search:
     """A search under way: its study, parent run and trials, shared with the sweeper that asks and tells."""
 
-    def __init__(self, plan: SearchPlan, study: optuna.Study, parent: sweep.ParentRun, experiment_id: str) -> None:
+    def __init__(self, plan: SearchPlan, study: optuna.Study, parent: ParentRun, experiment_id: str) -> None:
         self.plan, self.study, self.parent, self.experiment_id = plan, study, parent, experiment_id
         self.jobs: dict[int, TrialJob] = {}  # trial number -> its job, this command's trials
         self.rejected: list[str] = []  # trials whose sampled config could not be composed, one line each
@@ -469,8 +477,8 @@ class Search:
         self.budget = max(self.remaining(), 0)
 
     @property
-    def store(self) -> tracking.Store:
-        return tracking.store(self.plan.tracking_uri)
+    def store(self) -> stores.Store:
+        return stores.store(self.plan.tracking_uri)
 
     def remaining(self) -> int:
         counted = len(self.study.get_trials(deepcopy=False, states=counted_states()))
@@ -487,7 +495,7 @@ class Search:
         """The trial as a planned job: composed and checked, its fingerprint, and what the store says of it."""
         overrides = self.overrides(trial.params)
         cfg = compose(overrides)
-        fp = sweep.fingerprint(cfg)
+        fp = fingerprint(cfg)
         known = runs.get(fp, [])
         done = None if cfg.force else next((r for r in known if r.info.status == "FINISHED"), None)
         resume = None if done else next(
@@ -505,8 +513,8 @@ class Search:
                PRUNER_ENV: self.plan.settings.pruner_spec()}
         return [f"++hydra.job.env_set.{key}={ov.quote(value)}" for key, value in env.items()]
 
-    def launch_overrides(self, job: sweep.PlannedJob, trial: optuna.Trial) -> list[str]:
-        return job.overrides + sweep.decision(job, self.experiment_id, self.parent.sweep_id, self.parent.run_id) + self.env(trial)
+    def launch_overrides(self, job: PlannedJob, trial: optuna.Trial) -> list[str]:
+        return job.overrides + decision(job, self.experiment_id, self.parent.sweep_id, self.parent.run_id) + self.env(trial)
 
     def runs_by_fingerprint(self) -> dict[str, list[Run]]:
         return self.store.runs_by_fingerprint(self.experiment_id)
@@ -524,9 +532,9 @@ class Search:
         if run.info.status != "FINISHED":
             self.study.tell(trial, state=TrialState.FAIL)
             return run.info.status
-        if tags.get(tracking.DIVERGED_TAG) == "true" or tags.get(tracking.PRUNED_TAG) == "true":
+        if tags.get(names.DIVERGED_TAG) == "true" or tags.get(names.PRUNED_TAG) == "true":
             self.study.tell(trial, state=TrialState.PRUNED)
-            return "DIVERGED" if tags.get(tracking.DIVERGED_TAG) == "true" else "PRUNED"
+            return "DIVERGED" if tags.get(names.DIVERGED_TAG) == "true" else "PRUNED"
         if self.plan.metric not in metrics:
             self.study.tell(trial, state=TrialState.FAIL)
             return "FAILED"
@@ -541,12 +549,12 @@ class Search:
         """
         select_metric = str(getattr(self.plan.base.select_metric, "value", self.plan.base.select_metric))
         history = {m.step: m.value for m in self.store.client.get_metric_history(run.info.run_id, select_metric)}
-        for step, value in tracking.epochs_reached(run, history).items():
+        for step, value in record.epochs_reached(run, history).items():
             trial.report(float(value), step)
 
-    def summary_plan(self, before: set[int]) -> sweep.Plan:
+    def summary_plan(self, before: set[int]) -> Plan:
         """The study's trials as a sweep plan: finished before this command (shown SKIPPED) and this command's."""
-        runs = {r.info.run_id: r for r in self.store.search(self.experiment_id, f"tags.{tracking.SWEEP_TAG} = '{self.parent.sweep_id}'")}
+        runs = {r.info.run_id: r for r in self.store.search(self.experiment_id, f"tags.{names.SWEEP_TAG} = '{self.parent.sweep_id}'")}
         jobs = []
         for trial in self.study.get_trials(deepcopy=False):
             attrs = trial.user_attrs
@@ -563,7 +571,7 @@ class Search:
                 jobs.append(TrialJob(trial.number, list(attrs["overrides"]), self.plan.base, attrs["fingerprint"],
                                      attrs["model_name"], self.plan.tracking_uri, done, None, len(self.plan.space)))
         jobs.sort(key=lambda job: job.index)
-        return sweep.Plan(self.plan.args, self.plan.typed, True, jobs)
+        return Plan(self.plan.args, self.plan.typed, True, jobs)
 
 
 _active: Search | None = None
@@ -635,16 +643,16 @@ def mark_owner(trial: optuna.Trial) -> None:
 
 
 def run(search_plan: SearchPlan) -> int:
-    """Run the search to n_trials; returns the exit code as sweep.run does."""
+    """Run the search to n_trials; returns the exit code as launch.run does."""
     global _active
-    from fashioncnn.job import handle_sigterm
+    from fashioncnn.job.signals import handle_sigterm
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    store = tracking.store(search_plan.tracking_uri)
+    store = stores.store(search_plan.tracking_uri)
     try:
         experiment_id = store.experiment_id(search_plan.base.experiment, create=True)
     except Exception as error:
-        raise sweep._store_error(search_plan.tracking_uri, search_plan.base.experiment, error) from error
+        raise store_error(search_plan.tracking_uri, search_plan.base.experiment, error) from error
     assert experiment_id is not None
     try:
         study = optuna.create_study(
@@ -657,8 +665,8 @@ def run(search_plan: SearchPlan) -> int:
     recovered = _recover_interrupted(study)
     before = {t.number for t in study.get_trials(deepcopy=False)}
     handle_sigterm()
-    summary_plan = sweep.Plan(search_plan.args, search_plan.typed, True, [])
-    parent = sweep.ParentRun(summary_plan, store, experiment_id, sweep_fingerprint=search_plan.study_name,
+    summary_plan = Plan(search_plan.args, search_plan.typed, True, [])
+    parent = ParentRun(summary_plan, store, experiment_id, sweep_fingerprint=search_plan.study_name,
                              params={p.name: p.typed.split("=", 1)[1] for p in search_plan.space},
                              jobs=search_plan.settings.n_trials)
     parent.store.client.set_tag(parent.run_id, "optuna.study", search_plan.study_name)
@@ -669,7 +677,7 @@ def run(search_plan: SearchPlan) -> int:
           + (" (re-attached to its parent run)" if parent.reattached else ""), flush=True)
     interrupted = None
     try:
-        sweep._hydra(search_plan.args)
+        run_hydra(search_plan.args)
     except KeyboardInterrupt as stop:
         interrupted = stop
         parent.kill_unfinished_jobs()
@@ -681,7 +689,7 @@ def run(search_plan: SearchPlan) -> int:
         print(line, flush=True)
     result_plan = search.summary_plan(before)
     best = _best_line(study)
-    code = sweep.close_sweep(result_plan, parent, {(search_plan.tracking_uri, search_plan.base.experiment): experiment_id},
+    code = close_sweep(result_plan, parent, {(search_plan.tracking_uri, search_plan.base.experiment): experiment_id},
                              interrupted, search_plan.tracking_uri, search_plan.metric)
     if best:
         print(best, flush=True)

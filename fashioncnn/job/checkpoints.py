@@ -28,9 +28,9 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from fashioncnn import tracking
-from fashioncnn.config import Config
-from fashioncnn.train import save_checkpoint
+from fashioncnn.core import loop
+from fashioncnn.core.config import Config
+from fashioncnn.tracking import secrets, stores
 
 log = logging.getLogger(__name__)
 
@@ -41,26 +41,20 @@ DEFAULT_DIR = next(f.default for f in fields(Config) if f.name == "checkpoint_di
 
 def in_artifacts(cfg: DictConfig) -> bool:
     """Whether this config's checkpoints go to the run's artifact store (see the module's docstring)."""
-    return tracking.resolve_tracking_uri(cfg).startswith(("http://", "https://")) and cfg.checkpoint_dir == DEFAULT_DIR
+    return stores.resolve_tracking_uri(cfg).startswith(("http://", "https://")) and cfg.checkpoint_dir == DEFAULT_DIR
 
 
 def save_atomically(path: Path, state: dict) -> None:
-    save_checkpoint(path, **state)
+    """Write atomically: a crash mid-write leaves the previous checkpoint, never a torn one."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
 
 
-class Checkpoints(Protocol):
-    def latest(self) -> Path | None:
-        """A local file holding the newest checkpoint of the run, fetched when needed; None: start afresh."""
-        ...
-
-    def save(self, epoch: int, state: dict) -> None:
-        """Store the state after `epoch` (training goes on while it travels)."""
-        ...
-
-    def flush(self, timeout: float) -> bool:
-        """Wait until the newest saved checkpoint is stored where a resuming job looks; False on timeout."""
-        ...
-
+class Checkpoints(loop.Checkpoints, Protocol):
     def finish(self, keep: bool, timeout: float) -> None:
         """The run finished: delete its checkpoint, or keep the final one as an artifact (`keep_checkpoint`;
         its upload gets up to `timeout` seconds)."""
@@ -182,7 +176,7 @@ class ArtifactCheckpoints:
             except Exception as error:  # the server is away: keep the file, try again (or a newer one) later
                 (log.debug if self._failing else log.warning)(
                     "checkpoint of epoch %d not uploaded yet (%s); retrying every %g s, training goes on", epoch,
-                    tracking.mask_secrets(str(error).splitlines()[0] if str(error) else type(error).__name__),
+                    secrets.mask_secrets(str(error).splitlines()[0] if str(error) else type(error).__name__),
                     self.retry_seconds)
                 self._failing = True
                 with self._changed:
@@ -237,7 +231,7 @@ class ArtifactCheckpoints:
 def for_run(cfg: DictConfig, run_id: str) -> Checkpoints:
     """The checkpoints of run `run_id`, where this config keeps them."""
     if in_artifacts(cfg):
-        return ArtifactCheckpoints(tracking.store(tracking.resolve_tracking_uri(cfg)).client, run_id,
+        return ArtifactCheckpoints(stores.store(stores.resolve_tracking_uri(cfg)).client, run_id,
                                    Path(cfg.checkpoint_dir) / run_id, cfg.tracking.retry_seconds)
     return LocalCheckpoints(Path(cfg.checkpoint_dir) / f"{run_id}.pt")
 
@@ -248,4 +242,4 @@ def exists(cfg: DictConfig, run_id: str) -> bool:
         return (Path(cfg.checkpoint_dir) / f"{run_id}.pt").exists()
     if _local_files(Path(cfg.checkpoint_dir) / run_id):
         return True
-    return stored_checkpoint(tracking.store(tracking.resolve_tracking_uri(cfg)).client, run_id) is not None
+    return stored_checkpoint(stores.store(stores.resolve_tracking_uri(cfg)).client, run_id) is not None

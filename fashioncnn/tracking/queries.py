@@ -1,4 +1,4 @@
-"""Reading sweeps back from MLflow, for `fashioncnn.report` and `fashioncnn.retrain`.
+"""Reading sweeps back from MLflow, for `fashioncnn.results.report` and `fashioncnn.results.retrain`.
 
 A source is what a user names on the command line: an experiment name, a sweep id (the `sweep_id`
 tag every job of one `-m` command carries), or a run id (a sweep's parent run, tagged
@@ -12,8 +12,8 @@ so reports start quickly.
 from __future__ import annotations
 
 import math
-from collections import Counter
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -21,7 +21,9 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fashioncnn.tracking import DIVERGED_TAG, PARENT_TAG, PRUNED_TAG, ROLE_TAG, SWEEP_TAG, mask_secrets, resolve_tracking_uri, sqlite_path
+from fashioncnn.tracking.names import DIVERGED_TAG, PARENT_TAG, PRUNED_TAG, ROLE_TAG, SWEEP_TAG
+from fashioncnn.tracking.secrets import mask_secrets
+from fashioncnn.tracking.stores import resolve_tracking_uri, sqlite_path
 
 # "auto": the metric the runs' own select_metric ranks by (best_val_acc by default; the study's runs and
 # runs from before validation splits: max_test_acc).
@@ -156,7 +158,7 @@ def resolve_metric(runs: Iterable[Run], name: str) -> str:
     """`name`, or for "auto" the run-level metric the runs' select_metric ranks by (ResultsError if they disagree)."""
     if name != "auto":
         return name
-    from fashioncnn.config import ranking_metric
+    from fashioncnn.core.config import ranking_metric
 
     chosen = {ranking_metric(run.data.params.get("select_metric", "test_acc")) for run in runs}
     if len(chosen) > 1:
@@ -179,7 +181,7 @@ def selectable(runs: list[Run], where: str) -> list[Run]:
 def not_config(param: str) -> bool:
     """Params that do not make two runs different configurations: where and how fast they ran, the
     parameter count, and the seed (what a configuration's mean and standard deviation are over)."""
-    from fashioncnn.config import LEGACY_SPEED_KEYS, nested_not_learned_keys, not_learned_keys
+    from fashioncnn.core.config import LEGACY_SPEED_KEYS, nested_not_learned_keys, not_learned_keys
 
     top = param.split(".", 1)[0]
     return (top in not_learned_keys() or top in LEGACY_SPEED_KEYS or param in ("seed", "param_count")

@@ -25,15 +25,12 @@ from mlflow.entities import Run, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from fashioncnn import tracking, trial_pruner
+from fashioncnn.job import optuna_trial
+from fashioncnn.tracking import names, record, stores
 
 if TYPE_CHECKING:
-    from fashioncnn.train import EpochMetrics
+    from fashioncnn.core.loop import EpochMetrics
 
-# Tags a pruned run carries besides pruned=true and pruned_reason: the epoch it stopped after (job.py,
-# whichever pruner stopped it) and the store pruners' details.
-PRUNED_EPOCH_TAG = "pruned_epoch"
-PRUNED_DETAIL_TAGS = ("pruned_rule", "pruned_metric", "pruned_value", "pruned_threshold", "pruned_siblings")
 _ENDED = {"FINISHED", "FAILED", "KILLED"}
 
 
@@ -102,7 +99,7 @@ class Siblings:
     one's is fetched again only when it lacks the epoch asked about.
     """
 
-    def __init__(self, store: tracking.Store, experiment_id: str, sweep_id: str, run_id: str, fingerprint: str,
+    def __init__(self, store: stores.Store, experiment_id: str, sweep_id: str, run_id: str, fingerprint: str,
                  metric: str) -> None:
         self.store, self.experiment_id, self.sweep_id = store, experiment_id, sweep_id
         self.run_id, self.fingerprint, self.metric = run_id, fingerprint, metric
@@ -117,16 +114,16 @@ class Siblings:
 
     def histories_at(self, epoch: int) -> list[dict[int, float]]:
         """The histories of the siblings that reached `epoch` (one per configuration: its newest run)."""
-        found = self.store.search(self.experiment_id, f"tags.{tracking.SWEEP_TAG} = '{self.sweep_id}'")
+        found = self.store.search(self.experiment_id, f"tags.{names.SWEEP_TAG} = '{self.sweep_id}'")
         newest: dict[str, Run] = {}
         for run in found:  # newest first
             tags = run.data.tags
-            if tags.get(tracking.ROLE_TAG) == "parent" or run.info.run_id == self.run_id:
+            if tags.get(names.ROLE_TAG) == "parent" or run.info.run_id == self.run_id:
                 continue
             # Earlier attempts at this run's own config are not its siblings.
-            if tags.get(tracking.FINGERPRINT_TAG) == self.fingerprint:
+            if tags.get(names.FINGERPRINT_TAG) == self.fingerprint:
                 continue
-            newest.setdefault(tags.get(tracking.FINGERPRINT_TAG, run.info.run_id), run)
+            newest.setdefault(tags.get(names.FINGERPRINT_TAG, run.info.run_id), run)
         reached = []
         for run in newest.values():
             run_id, status = run.info.run_id, run.info.status
@@ -137,7 +134,7 @@ class Siblings:
                 self._histories[run_id] = cached = self._history(run_id)
                 if status in _ENDED:
                     self._ended.add(run_id)
-            if epoch in (history := tracking.epochs_reached(run, cached)):
+            if epoch in (history := record.epochs_reached(run, cached)):
                 reached.append(history)
         return reached
 
@@ -236,7 +233,7 @@ def make_pruner(cfg: DictConfig, run_id: str) -> Pruner:
     also reports each epoch to its study, and `cfg.prune`'s, from the sweep's runs in the store; the first
     that says stop stops the run. Outside a sweep, none."""
     pruners: list[Pruner] = []
-    if (trial := trial_pruner.from_environment(cfg, run_id)) is not None:
+    if (trial := optuna_trial.from_environment(cfg, run_id)) is not None:
         pruners.append(trial)
     if (siblings := _sibling_pruner(cfg, run_id)) is not None:
         pruners.append(siblings)
@@ -259,13 +256,13 @@ class FirstToStop:
 def _sibling_pruner(cfg: DictConfig, run_id: str) -> Pruner | None:
     """`cfg.prune`'s rule over the sweep's runs in the store; None for prune=none or outside a sweep."""
     rule = getattr(cfg.prune.name, "value", cfg.prune.name)
-    sweep_id = os.environ.get(tracking.SWEEP_ID_ENV)
+    sweep_id = os.environ.get(names.SWEEP_ID_ENV)
     if rule == "none" or not sweep_id:
         return None
     metric = getattr(cfg.select_metric, "value", cfg.select_metric)
-    store = tracking.store(tracking.resolve_tracking_uri(cfg))
-    siblings = Siblings(store, os.environ[tracking.EXPERIMENT_ID_ENV], sweep_id, run_id,
-                        os.environ.get(tracking.FINGERPRINT_ENV, ""), metric)
+    store = stores.store(stores.resolve_tracking_uri(cfg))
+    siblings = Siblings(store, os.environ[names.EXPERIMENT_ID_ENV], sweep_id, run_id,
+                        os.environ.get(names.FINGERPRINT_ENV, ""), metric)
     if rule == "median":
         return MedianPruner(run_id, cfg.epochs, metric, siblings, store.client,
                             warmup_epochs=cfg.prune.warmup_epochs, min_siblings=cfg.prune.min_siblings)

@@ -1,0 +1,129 @@
+"""Running a plan: the stores and experiments made, the parent run opened, the jobs launched, the sweep closed.
+
+`run()` creates the store and experiments, opens the sweep's parent run (-m), and has Hydra launch the
+jobs still to do (hydra_plugins/fashioncnn_plugins/plan_sweeper.py), each with its decision in
+`hydra.job.env_set`, so a job in any process or on any machine acts on it without looking again.
+`close_sweep()` writes the closing summary, read back from the store whoever ran the jobs, on the parent
+run and in the terminal, and gives the exit code. A sampled search (search.py) closes the same way.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Mapping
+
+from fashioncnn.sweep import overrides as ov
+from fashioncnn.sweep.parent import ParentRun
+from fashioncnn.sweep.plan import Plan, PlannedJob, store_error
+from fashioncnn.sweep.summary import FAILED_STATUSES, plan_metric, pruning_line, summarize, summary_text
+from fashioncnn.tracking import names, stores
+
+_launch_list: list[list[str]] | None = None
+
+
+def launch_list() -> list[list[str]]:
+    """The jobs the current sweep launches (for the plan sweeper), each with its decision in hydra.job.env_set."""
+    if _launch_list is None:
+        raise RuntimeError("hydra/sweeper=fashioncnn launches the jobs of a fashioncnn plan: run sweeps with python -m fashioncnn -m ...")
+    return _launch_list
+
+
+def decision(job: PlannedJob, experiment_id: str, sweep_id: str | None = None, parent_run_id: str | None = None) -> list[str]:
+    """What the job must do, as environment variables Hydra sets for it (in this process or a worker's)."""
+    env = {names.EXPERIMENT_ID_ENV: experiment_id, names.FINGERPRINT_ENV: job.fingerprint}
+    if job.resume is not None:
+        env[names.RESUME_RUN_ENV] = job.resume.info.run_id
+    if sweep_id and parent_run_id:
+        env[names.SWEEP_ID_ENV], env[names.PARENT_RUN_ENV] = sweep_id, parent_run_id
+    return [f"++hydra.job.env_set.{key}={ov.quote(value)}" for key, value in env.items()]
+
+
+def run_hydra(argv: list[str]) -> None:
+    """Run fashioncnn's Hydra app (job.hydra_app) with these arguments, in this process."""
+    from fashioncnn.core.config import register_schema
+    from fashioncnn.job.app import hydra_app
+
+    register_schema()
+    sys.argv = [sys.argv[0], *argv]
+    hydra_app()
+
+
+def show(args: list[str]) -> None:
+    """--help, --cfg job and the like: Hydra answers them, nothing is planned or trained."""
+    run_hydra(args)
+
+
+def _experiment_ids(plan: Plan) -> dict[tuple[str, str], str]:
+    """Create the stores and experiments the jobs need, once, here in the launching process."""
+    ids = {}
+    for job in plan.jobs:
+        key = (job.tracking_uri, job.cfg.experiment)
+        if key not in ids:
+            try:
+                ids[key] = stores.store(job.tracking_uri).experiment_id(job.cfg.experiment, create=True)
+            except Exception as error:
+                raise store_error(*key, error) from error
+    return ids  # type: ignore[return-value]
+
+
+def run(plan: Plan) -> int:
+    """Train what the plan says; returns the exit code (0 all done, 1 a job failed, 130/143 interrupted)."""
+    global _launch_list
+    from fashioncnn.job.signals import handle_sigterm, interrupted_exit_code
+
+    experiment_ids = _experiment_ids(plan)
+    handle_sigterm()
+    if not plan.multirun:
+        job = plan.jobs[0]
+        if job.done is not None:
+            print(f"{job.model_name}: skipped, already FINISHED as run {job.done.info.run_id} (force=true trains it again)")
+            return 0
+        if job.elsewhere is not None:
+            print(f"{job.model_name}: {job.action}")
+            return 0
+        try:
+            run_hydra(plan.args + decision(job, experiment_ids[job.tracking_uri, job.cfg.experiment]))
+        except KeyboardInterrupt as stop:
+            return interrupted_exit_code(stop)
+        return 0
+
+    first = plan.jobs[0]
+    parent = ParentRun(plan, stores.store(first.tracking_uri), experiment_ids[first.tracking_uri, first.cfg.experiment])
+    _launch_list = [job.overrides + decision(job, experiment_ids[job.tracking_uri, job.cfg.experiment], parent.sweep_id, parent.run_id)
+                    for job in plan.to_run]
+    elsewhere = sum(job.elsewhere is not None for job in plan.jobs)
+    print(f"sweep {parent.sweep_id}: {len(plan.jobs)} jobs, {len(plan.jobs) - len(plan.to_run) - elsewhere} already finished"
+          + (f", {elsewhere} running elsewhere" if elsewhere else "")
+          + (" (re-attached to its parent run)" if parent.reattached else ""), flush=True)
+    interrupted = None
+    try:
+        run_hydra(plan.args)
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM
+        interrupted = stop
+        parent.kill_unfinished_jobs()
+    except SystemExit:  # Hydra reports a launcher failure itself and exits; the summary still follows
+        pass
+    finally:
+        _launch_list = None
+    return close_sweep(plan, parent, experiment_ids, interrupted, first.tracking_uri)
+
+
+def close_sweep(plan: Plan, parent: ParentRun, experiment_ids: Mapping[tuple[str, str], str],
+                interrupted: KeyboardInterrupt | None, tracking_uri: str, metric_name: str | None = None) -> int:
+    """The summary (read back from the store) on the parent run and in the terminal; the exit code."""
+    from fashioncnn.job.signals import interrupted_exit_code
+
+    metric_name = metric_name or plan_metric(plan)
+    saved: dict[str, float] = {}
+    rows = summarize(plan, parent.sweep_id, experiment_ids, metric_name, saved)
+    failed = any(row["status"] in FAILED_STATUSES for row in rows)
+    parent.close(rows, metric_name, "KILLED" if interrupted else "FAILED" if failed else "FINISHED", saved)
+    print(f"\nsweep {parent.sweep_id} (parent run {parent.run_id}):", flush=True)
+    print(summary_text(rows) if rows else "no jobs ran", flush=True)
+    if saved:
+        print(pruning_line(rows, saved), flush=True)
+    local = not tracking_uri.startswith(("http://", "https://"))
+    print(f"in MLflow: {parent.url}" + ("  (start the UI with: make ui)" if local else ""), flush=True)
+    if interrupted:
+        return interrupted_exit_code(interrupted)
+    return 1 if failed else 0
