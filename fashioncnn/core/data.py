@@ -18,9 +18,12 @@ import logging
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads when the data becomes tensors, not when files are only checked
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +82,8 @@ class FashionMNIST:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     source: Path | None
-    val_images: torch.Tensor = field(default_factory=lambda: torch.empty(0, 1, 28, 28))
-    val_labels: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    val_images: torch.Tensor = field(default_factory=lambda: _empty(0, 1, 28, 28))
+    val_labels: torch.Tensor = field(default_factory=lambda: _empty(0, long=True))
     digest: str = ""  # of the four files read: which version of the data a run saw
 
     def to(self, device: torch.device) -> FashionMNIST:
@@ -168,7 +171,15 @@ def _check(images: np.ndarray, labels: np.ndarray, count: int, split: str, sourc
         raise ValueError(f"{source}: {split} labels range {labels.min()}..{labels.max()}, expected 0..9")
 
 
+def _empty(*shape: int, long: bool = False) -> torch.Tensor:
+    import torch
+
+    return torch.empty(*shape, dtype=torch.long if long else torch.float32)
+
+
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    import torch
+
     # Normalised once here, so the training loop only indexes.
     scaled = torch.from_numpy(images.astype(np.float32)).div_(255.0)
     return scaled.sub_(MEAN).div_(STD).unsqueeze(1)
@@ -217,6 +228,8 @@ def load(
     train_images, train_labels = train_images[keep], train_labels[keep]
     if subset is not None:
         train_images, train_labels = train_images[:subset], train_labels[:subset]
+    import torch
+
     return FashionMNIST(
         train_images=_to_tensor(train_images),
         train_labels=torch.from_numpy(train_labels.astype(np.int64)),

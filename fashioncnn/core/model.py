@@ -18,12 +18,12 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from fashioncnn.core.config import ConfigError
+
+if TYPE_CHECKING:  # torch loads when a network is built, not when a model's name or size is asked
+    from torch import nn
 
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
@@ -106,6 +106,8 @@ class ModelSpec:
 
 
 def build_model(spec: ModelSpec) -> nn.Sequential:
+    from torch import nn
+
     spec.check_feasible()
     layers: list[nn.Module] = []
     in_channels = 1
@@ -143,6 +145,8 @@ def count_parameters(model: nn.Module) -> int:
 
 def describe(spec: ModelSpec) -> str:
     """A table of layers, output shapes and parameter counts, as the study's tables compare sizes."""
+    import torch
+
     model = build_model(spec)
     rows = [("layer", "output shape", "params")]
     x = torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE)

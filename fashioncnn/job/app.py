@@ -6,6 +6,8 @@ and MLflow load only once a job really runs (fashioncnn.job.run).
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -16,3 +18,12 @@ def hydra_app(cfg: DictConfig) -> float | None:
     from fashioncnn.job.run import train_and_log
 
     return train_and_log(cfg)
+
+
+def run_hydra(argv: list[str]) -> None:
+    """Run fashioncnn's Hydra app with these arguments, in this process: a sweep's launch, or --help and --cfg."""
+    from fashioncnn.core.config import register_schema
+
+    register_schema()
+    sys.argv = [sys.argv[0], *argv]
+    hydra_app()

@@ -89,6 +89,9 @@ class OptunaSweeper(Sweeper):
                     status = search.tell(trial, job.done, told_from_store=True)
                     log.info("trial #%d %s: already %s as run %s, told from the store", trial.number, job.command,
                              status, job.done.info.run_id)
+                elif job.elsewhere is not None:  # another live process trains this config: not here, not now
+                    study.tell(trial, state=TrialState.FAIL)
+                    log.info("trial #%d %s: %s", trial.number, job.command, job.action)
                 elif job.fingerprint not in launched:
                     launched[job.fingerprint] = trial
                     to_launch.append(search.launch_overrides(job, trial))
@@ -97,7 +100,7 @@ class OptunaSweeper(Sweeper):
                 returns += list(self.launcher.launch(to_launch, initial_job_idx=first))
             ran = search.runs_by_fingerprint()
             for trial, job in batch:
-                if job.done is None:
+                if job.done is None and job.elsewhere is None:
                     # The newest run of this config in this sweep: the one just trained or resumed.
                     run = next((r for r in ran.get(job.fingerprint, [])
                                 if r.data.tags.get(names.SWEEP_TAG) == search.parent.sweep_id), None)

@@ -9,9 +9,9 @@ run and in the terminal, and gives the exit code. A sampled search (search.py) c
 
 from __future__ import annotations
 
-import sys
 from typing import Mapping
 
+from fashioncnn.job.app import run_hydra
 from fashioncnn.sweep import overrides as ov
 from fashioncnn.sweep.parent import ParentRun
 from fashioncnn.sweep.plan import Plan, PlannedJob, store_error
@@ -36,21 +36,6 @@ def decision(job: PlannedJob, experiment_id: str, sweep_id: str | None = None, p
     if sweep_id and parent_run_id:
         env[names.SWEEP_ID_ENV], env[names.PARENT_RUN_ENV] = sweep_id, parent_run_id
     return [f"++hydra.job.env_set.{key}={ov.quote(value)}" for key, value in env.items()]
-
-
-def run_hydra(argv: list[str]) -> None:
-    """Run fashioncnn's Hydra app (job.hydra_app) with these arguments, in this process."""
-    from fashioncnn.core.config import register_schema
-    from fashioncnn.job.app import hydra_app
-
-    register_schema()
-    sys.argv = [sys.argv[0], *argv]
-    hydra_app()
-
-
-def show(args: list[str]) -> None:
-    """--help, --cfg job and the like: Hydra answers them, nothing is planned or trained."""
-    run_hydra(args)
 
 
 def _experiment_ids(plan: Plan) -> dict[tuple[str, str], str]:

@@ -25,6 +25,7 @@ from fashioncnn.core.config import LEGACY_SPEED_KEYS, ConfigError
 # Flags of Hydra's command line that take the next argument as their value.
 FLAGS_WITH_VALUE = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun")
 MULTIRUN_FLAGS = ("-m", "--multirun")
+SWEEPER_OVERRIDE = "hydra/sweeper=optuna"  # a sampled search (fashioncnn.sweep.search) instead of a grid
 _PLAIN = re.compile(r"^[\w.\-/:@*+]+$")  # shown without quotes
 
 
@@ -41,6 +42,11 @@ def split_flags(args: Sequence[str]) -> tuple[list[str], bool]:
         elif not arg.startswith("-"):
             overrides.append(arg)
     return overrides, multirun
+
+
+def search_selected(args: Sequence[str]) -> bool:
+    """Whether the command asks for the Optuna sweeper."""
+    return SWEEPER_OVERRIDE in split_flags(args)[0]
 
 
 def _parse(arg: str) -> Override | None:

@@ -15,19 +15,20 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
 from fashioncnn.core.config import ConfigError, fingerprint_neutral, nested_not_learned_keys, not_learned_keys
-from fashioncnn.core.machine import precision_used, resolve_device
 from fashioncnn.core.model import run_name
-from fashioncnn.job import checkpoints, lease
+from fashioncnn.job import lease
 from fashioncnn.sweep import overrides as ov
 from fashioncnn.sweep import preflight
 from fashioncnn.tracking import stores
 from fashioncnn.tracking.secrets import mask_secrets
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 
 class StoreError(ConfigError):
@@ -51,6 +52,8 @@ def fingerprint(cfg: DictConfig) -> str:
             del node[leaf]
             if parents and not node:  # a whole node at its defaults: as if it did not exist
                 del content[parents[0]]
+    from fashioncnn.core.machine import precision_used, resolve_device  # torch: only once a job is fingerprinted
+
     content["precision"] = precision_used(cfg.precision, resolve_device(cfg.device) if cfg.device == "auto" else None)
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -111,6 +114,23 @@ def store_error(uri: str, experiment: str, error: Exception) -> StoreError:
     return StoreError(f"tracking store {mask_secrets(uri)} (experiment {experiment!r}) cannot be used: {reason}")
 
 
+def decide(cfg: DictConfig, runs: Sequence[Run]) -> tuple[Run | None, Run | None, Run | None]:
+    """What a job does, from its config's runs in the store (newest first): (done, resume, elsewhere).
+
+    done: a FINISHED run (not with force=true): skipped. elsewhere: a RUNNING run whose lease a live
+    process holds: left to it. resume: an unfinished run that left a checkpoint. All None: train afresh.
+    Grid jobs and search trials are decided here alike.
+    """
+    from fashioncnn.job import checkpoints
+
+    done = None if cfg.force else next((r for r in runs if r.info.status == "FINISHED"), None)
+    # A run whose process still renews its heartbeat is left to it; one listing per other unfinished run.
+    elsewhere = None if done else next((r for r in runs if lease.held_elsewhere(r, cfg.lease.seconds)), None)
+    resume = None if done or elsewhere else next(
+        (r for r in runs if r.info.status != "FINISHED" and checkpoints.exists(cfg, r.info.run_id)), None)
+    return done, resume, elsewhere
+
+
 def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequence[str]]) -> Plan:
     """Compose, validate and decide every job; reads the store, writes nothing. ConfigError (one line) if any job is bad."""
     jobs = preflight.compose_jobs(args, options)
@@ -129,12 +149,7 @@ def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequen
             except Exception as error:
                 raise store_error(uri, cfg.experiment, error) from error
         fp = fingerprint(cfg)
-        runs = known[uri, cfg.experiment].get(fp, [])
-        done = None if cfg.force else next((r for r in runs if r.info.status == "FINISHED"), None)
-        # A run whose process still renews its heartbeat is left to it; one listing per other unfinished run.
-        elsewhere = None if done else next((r for r in runs if lease.held_elsewhere(r, cfg.lease.seconds)), None)
-        resume = None if done or elsewhere else next(
-            (r for r in runs if r.info.status != "FINISHED" and checkpoints.exists(cfg, r.info.run_id)), None)
+        done, resume, elsewhere = decide(cfg, known[uri, cfg.experiment].get(fp, []))
         planned.append(PlannedJob(index, overrides, cfg, fp, run_name(cfg), uri, done, resume, elsewhere))
     _, multirun = ov.split_flags(args)
     return Plan(list(args), list(typed), multirun, planned)

@@ -126,11 +126,11 @@ def check_machine(configs: Sequence[DictConfig], runs_here: bool) -> None:
     device when one is asked for, and data that reads whole (ConfigError, one line)."""
     if not runs_here:
         return  # a cluster's nodes have their own GPUs and files
-    import torch
-
     from fashioncnn.core.data import check_local
 
     for device in sorted({cfg.device for cfg in configs if str(cfg.device).startswith("cuda")}):
+        import torch  # only where a GPU is asked for: it takes seconds to load
+
         if not torch.cuda.is_available():
             raise ConfigError(f"device={device}: no CUDA device is available on this machine; use device=auto or device=cpu")
         if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():

@@ -43,13 +43,14 @@ from optuna.trial import TrialState
 from fashioncnn.core import sources
 from fashioncnn.core.config import ConfigError, register_schema
 from fashioncnn.core.model import run_name
-from fashioncnn.job import checkpoints
 from fashioncnn.job.optuna_trial import make_optuna_pruner, open_storage
 from fashioncnn.sweep import overrides as ov
+from fashioncnn.sweep.overrides import SWEEPER_OVERRIDE
 from fashioncnn.sweep import preflight
-from fashioncnn.sweep.launch import close_sweep, decision, run_hydra
+from fashioncnn.job.app import run_hydra
+from fashioncnn.sweep.launch import close_sweep, decision
 from fashioncnn.sweep.parent import ParentRun
-from fashioncnn.sweep.plan import Plan, PlannedJob, fingerprint, store_error
+from fashioncnn.sweep.plan import Plan, PlannedJob, decide, fingerprint, store_error
 from fashioncnn.sweep.summary import plan_metric_of
 from fashioncnn.tracking import names, record, stores
 from fashioncnn.tracking.names import PRUNER_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
@@ -58,17 +59,11 @@ from fashioncnn.tracking.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
-SWEEPER_OVERRIDE = "hydra/sweeper=optuna"
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = {"none": "none", "median": "median", "asha": "asha", "successive_halving": "asha", "sha": "asha"}
 # A study ranks trials by one metric in one experiment of one store: these cannot vary between trials.
 NOT_SEARCHABLE = ("experiment", "tracking_uri", "select_metric")
 STORAGE_FILE = "optuna.db"
-
-
-def selected(args: Sequence[str]) -> bool:
-    """Whether the command asks for the Optuna sweeper."""
-    return SWEEPER_OVERRIDE in ov.split_flags(args)[0]
 
 
 # ------------------------------------------------------------------------------------------- search space
@@ -496,11 +491,8 @@ class Search:
         overrides = self.overrides(trial.params)
         cfg = compose(overrides)
         fp = fingerprint(cfg)
-        known = runs.get(fp, [])
-        done = None if cfg.force else next((r for r in known if r.info.status == "FINISHED"), None)
-        resume = None if done else next(
-            (r for r in known if r.info.status != "FINISHED" and checkpoints.exists(cfg, r.info.run_id)), None)
-        job = TrialJob(trial.number, overrides, cfg, fp, run_name(cfg), self.plan.tracking_uri, done, resume,
+        done, resume, elsewhere = decide(cfg, runs.get(fp, []))
+        job = TrialJob(trial.number, overrides, cfg, fp, run_name(cfg), self.plan.tracking_uri, done, resume, elsewhere,
                        sampled=len(self.plan.space))
         for key, value in (("overrides", overrides), ("fingerprint", fp), ("model_name", job.model_name)):
             trial.set_user_attr(key, value)
@@ -569,7 +561,7 @@ class Search:
                 if done is None and run_id:
                     done = self.store.client.get_run(run_id)
                 jobs.append(TrialJob(trial.number, list(attrs["overrides"]), self.plan.base, attrs["fingerprint"],
-                                     attrs["model_name"], self.plan.tracking_uri, done, None, len(self.plan.space)))
+                                     attrs["model_name"], self.plan.tracking_uri, done, None, sampled=len(self.plan.space)))
         jobs.sort(key=lambda job: job.index)
         return Plan(self.plan.args, self.plan.typed, True, jobs)
 

@@ -16,14 +16,16 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlflow
-from mlflow.entities import Run, ViewType
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from fashioncnn.tracking.names import FINGERPRINT_TAG
 from fashioncnn.tracking.secrets import mask_secrets, without_credentials
+
+if TYPE_CHECKING:  # MLflow loads when a store is first used: planning a bad command never waits for it
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class Store:
         # Made on first use: a client of a sqlite URI creates the database file and its tables.
         if self._client is None:
             path = sqlite_path(self.uri)
+            from mlflow.tracking import MlflowClient
+
             self._client = open_sqlite_store(path) if path is not None else MlflowClient(self.uri)
         return self._client
 
@@ -86,6 +90,8 @@ class Store:
 
     def experiment_id(self, name: str, create: bool = False) -> str | None:
         """The experiment's id; with `create`, the store and experiment are made when missing."""
+        from mlflow.exceptions import MlflowException
+
         if name in self._experiment_ids:
             return self._experiment_ids[name]
         if not create and not self.exists():
@@ -101,7 +107,7 @@ class Store:
                 artifact_location = (DEFAULT_STORE_DIR / "artifacts").resolve().as_uri()
             try:
                 self._experiment_ids[name] = self.client.create_experiment(name, artifact_location=artifact_location)
-            except mlflow.exceptions.MlflowException:
+            except MlflowException:
                 # Another process created it between our look-up and create; use theirs.
                 found = self.client.get_experiment_by_name(name)
                 if found is None:
@@ -112,6 +118,8 @@ class Store:
 
     def search(self, experiment_id: str, filter_string: str = "") -> list[Run]:
         """Every active run that matches, newest first, all pages."""
+        from mlflow.entities import ViewType
+
         runs, token = [], None
         while True:
             page = self.client.search_runs([experiment_id], filter_string, ViewType.ACTIVE_ONLY, max_results=1000,
@@ -137,6 +145,8 @@ def open_sqlite_store(path: Path, attempts: int = 40, pause: float = 0.5) -> Mlf
     ("table ... already exists", or a database left with no schema version: broken for good). So a new
     store is built under a private name and linked into place only if no file is there yet; a file that
     another process is still writing is given time to settle, and opening it is retried."""
+    from mlflow.tracking import MlflowClient
+
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         private = path.with_name(f".{path.name}.creating-{os.getpid()}")
