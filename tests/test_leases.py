@@ -1,6 +1,9 @@
-"""Quick checks of the pieces behind issue 14's slow tests: who holds a lease, the loop's order of checkpoint
-and metrics, and the divergence guard at the issue's lr=1e6."""
+"""Quick checks of the pieces behind the slow resilience tests: who holds a lease, the loop's order of checkpoint
+and metrics, and the divergence guard at lr=1e6."""
 
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,11 +14,13 @@ from test_speed import CPU, compose, tiny_data
 from fashioncnn.core.loop import train
 from fashioncnn.core.model import ModelSpec, build_model
 from fashioncnn.job.checkpoints import LocalCheckpoints
-from fashioncnn.job.lease import HEARTBEAT_TAG, held_elsewhere
+from fashioncnn.job.lease import held_elsewhere, holder_gone, this_holder, where
+from fashioncnn.tracking.names import HEARTBEAT_TAG, HOLDER_TAG
 
 
-def a_run(status: str, heartbeat: float | None) -> Run:
+def a_run(status: str, heartbeat: float | None, holder: str | None = None) -> Run:
     tags = [RunTag(HEARTBEAT_TAG, f"{heartbeat:.0f}")] if heartbeat is not None else []
+    tags += [RunTag(HOLDER_TAG, holder)] if holder is not None else []
     return Run(RunInfo("r1", "1", "me", status, 0, None, "active"), RunData(tags=tags))
 
 
@@ -25,6 +30,24 @@ def test_only_a_running_run_with_a_fresh_heartbeat_is_held_elsewhere():
     assert not held_elsewhere(a_run("RUNNING", now - 301), lease_seconds=300, now=now)  # its process is gone
     assert not held_elsewhere(a_run("KILLED", now - 10), lease_seconds=300, now=now)  # ended: resumable at once
     assert not held_elsewhere(a_run("RUNNING", None), lease_seconds=300, now=now)  # an older version's run
+
+
+def test_a_holder_on_this_host_holds_only_while_its_process_lives():
+    now = time.time()
+    assert held_elsewhere(a_run("RUNNING", now - 10, this_holder()), lease_seconds=300, now=now)  # alive: this process
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # reaped: the PID names no process (or, reused, one that started later)
+    gone = f"{socket.gethostname()} {ended.pid} {time.time() - 5:.2f}"
+    assert holder_gone(a_run("RUNNING", now - 10, gone))
+    assert not held_elsewhere(a_run("RUNNING", now - 10, gone), lease_seconds=300, now=now)  # taken over at once
+    host, pid, _ = this_holder().rsplit(" ", 2)
+    reused = f"{host} {pid} {time.time() - 3600:.2f}"  # this PID, but a process that started an hour ago: not this one
+    assert not held_elsewhere(a_run("RUNNING", now - 10, reused), lease_seconds=300, now=now)
+    elsewhere = f"another-host.example {ended.pid} 1.00"  # another machine's process cannot be seen: its heartbeat says
+    assert held_elsewhere(a_run("RUNNING", now - 10, elsewhere), lease_seconds=300, now=now)
+    assert not held_elsewhere(a_run("RUNNING", now - 301, elsewhere), lease_seconds=300, now=now)
+    assert where(a_run("RUNNING", now, elsewhere)) == f"another-host.example (pid {ended.pid})"
+    assert where(a_run("RUNNING", now)) == "another process"  # an older version's run names no holder
 
 
 def test_an_epochs_checkpoint_is_stored_before_its_metrics_are_handed_on(tmp_path):

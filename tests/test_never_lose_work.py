@@ -9,6 +9,7 @@ through config keys.
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -124,7 +125,11 @@ def test_two_commands_on_the_same_sweep_train_each_job_once(tmp_path):
             "experiment=leased"]
     first, second = popen_cli(args, tmp_path), popen_cli(args, tmp_path)
     outputs = [process.communicate(timeout=600)[0] for process in (first, second)]
-    assert [first.returncode, second.returncode] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    # A command that ends while the other still trains one of its jobs says so and exits 3: not done, not failed.
+    assert {first.returncode, second.returncode} <= {0, 3}, outputs[0][-3000:] + outputs[1][-3000:]
+    for process, output in zip((first, second), outputs):
+        if process.returncode == 3:
+            assert "still running elsewhere: #" in output and f"on {socket.gethostname()} (pid " in output, output[-3000:]
     client = local_store(tmp_path)
     jobs = jobs_of(client, "leased")
     by_fingerprint: dict[str, list] = {}
@@ -136,6 +141,8 @@ def test_two_commands_on_the_same_sweep_train_each_job_once(tmp_path):
         assert job.info.status == "FINISHED"
         assert steps(client, job.info.run_id, "test_acc") == [1, 2]  # trained once: each epoch logged once
     assert "running elsewhere" in (outputs[0] + outputs[1]).lower()  # the two commands met
+    again = run_cli(args, cwd=tmp_path)  # every job ended: the same command has nothing left and exits 0
+    assert again.returncode == 0 and "3 jobs: 3 skipped" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
 
 
 def test_training_outlives_a_tracking_server_outage(tmp_path, server):

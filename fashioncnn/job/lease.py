@@ -1,10 +1,12 @@
 """Leases: a training job's claim on its run, so that no two processes train the same job.
 
 While a job trains, its run carries a `heartbeat` tag (unix time) renewed every `lease.heartbeat_seconds`
-by a background thread. A RUNNING run whose heartbeat is younger than `lease.seconds` is held by a live
-process somewhere: the plan leaves it alone ("running elsewhere"); an older heartbeat means its process
-is gone, and the run is resumed (or trained afresh). Runs without the tag (older versions) are treated
-as before: resumable when they left a checkpoint.
+by a background thread, and a `lease.holder` tag: the host, PID and start time of the process that
+trains it. A RUNNING run whose heartbeat is younger than `lease.seconds` is held by a live process: the
+plan leaves it alone ("running elsewhere") and the sweep says where. Two things end a lease: a heartbeat
+older than `lease.seconds` (the holder is gone, wherever it ran), or, on the holder's own host, no live
+process with its PID and start time (a `kill -9`, a crash: the run is taken over at once). A run
+without the tags (an older version's) is resumable when it left a checkpoint.
 
 Two commands that plan the same sweep at the same moment both decide "train": each job settles it when
 it starts. A new run is claimed by creating it; after a short pause, of the live runs with the same
@@ -15,11 +17,14 @@ A resumed run is claimed by writing an owner tag; after the pause, the owner rea
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
-
 from typing import TYPE_CHECKING
+
+from fashioncnn.tracking.names import HEARTBEAT_TAG, HOLDER_TAG, OWNER_TAG
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -27,16 +32,57 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_TAG = "heartbeat"
-OWNER_TAG = "lease.owner"
 # Long enough for a competing claim made at about the same moment (its start time stamped before ours,
 # its run created after) to be visible to both claimants: that gap is milliseconds. Every new job waits it once.
 SETTLE_SECONDS = 0.5
 PROCESS_OWNER = uuid.uuid4().hex[:12]
 
 
+def _started(pid: int) -> str:
+    """When process `pid` started, as recorded in a holder (a reused PID is another process: it started later)."""
+    import psutil
+
+    return f"{psutil.Process(pid).create_time():.2f}"
+
+
+def this_holder() -> str:
+    """This process as a lease holder: host, PID and start time."""
+    return f"{socket.gethostname()} {os.getpid()} {_started(os.getpid())}"
+
+
+def holder_of(run: Run) -> tuple[str, int, str] | None:
+    """The (host, PID, start time) holding the run, None when the run does not say (an older version's run)."""
+    parts = run.data.tags.get(HOLDER_TAG, "").rsplit(" ", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1]), parts[2]
+
+
+def holder_gone(run: Run) -> bool:
+    """Whether the run's holder is known to be gone: it ran on this host, and no live process has its PID and
+    start time. A holder on another host cannot be seen from here: only its heartbeat tells."""
+    import psutil
+
+    holder = holder_of(run)
+    if holder is None or holder[0] != socket.gethostname():
+        return False
+    try:
+        process = psutil.Process(holder[1])
+        return process.status() == psutil.STATUS_ZOMBIE or f"{process.create_time():.2f}" != holder[2]
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:  # not ours to look at (another user's process): alive, as far as we can tell
+        return False
+
+
+def where(run: Run) -> str:
+    """Where the run's holder is, for a person: "host (pid N)", or "another process" for an older version's run."""
+    holder = holder_of(run)
+    return f"{holder[0]} (pid {holder[1]})" if holder else "another process"
+
+
 def heartbeat_tags() -> dict[str, str]:
-    return {HEARTBEAT_TAG: f"{time.time():.0f}", OWNER_TAG: PROCESS_OWNER}
+    return {HEARTBEAT_TAG: f"{time.time():.0f}", OWNER_TAG: PROCESS_OWNER, HOLDER_TAG: this_holder()}
 
 
 def heartbeat_age(run: Run, now: float | None = None) -> float | None:
@@ -51,9 +97,10 @@ def heartbeat_age(run: Run, now: float | None = None) -> float | None:
 
 
 def held_elsewhere(run: Run, lease_seconds: float, now: float | None = None) -> bool:
-    """A RUNNING run whose heartbeat is younger than the lease: a live process is training it."""
+    """A RUNNING run whose heartbeat is younger than the lease and whose holder is not known to be gone:
+    a live process is training it."""
     age = heartbeat_age(run, now)
-    return run.info.status == "RUNNING" and age is not None and age < lease_seconds
+    return run.info.status == "RUNNING" and age is not None and age < lease_seconds and not holder_gone(run)
 
 
 def wins_new_run(client: MlflowClient, experiment_id: str, fingerprint: str, mine: Run, lease_seconds: float,
@@ -80,8 +127,11 @@ def wins_resume(client: MlflowClient, run_id: str, lease_seconds: float) -> bool
         return False
     if run.info.status == "FINISHED":
         return False
-    client.set_tag(run_id, OWNER_TAG, PROCESS_OWNER)
-    client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+    from mlflow.entities import RunTag
+
+    # One request: a planner that looks in between sees a fresh heartbeat and a live holder, never a mix.
+    # A claimant that loses leaves its holder tag; the winner writes its own as its run starts.
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in heartbeat_tags().items()])
     time.sleep(SETTLE_SECONDS)
     return client.get_run(run_id).data.tags.get(OWNER_TAG) == PROCESS_OWNER
 

@@ -9,16 +9,20 @@ run and in the terminal, and gives the exit code. A sampled search (search.py) c
 
 from __future__ import annotations
 
+import sys
 from typing import Mapping
 
+from fashioncnn.job import lease
 from fashioncnn.job.app import run_hydra
 from fashioncnn.sweep import overrides as ov
 from fashioncnn.sweep.parent import ParentRun
 from fashioncnn.sweep.plan import Plan, PlannedJob, store_error
-from fashioncnn.sweep.summary import FAILED_STATUSES, plan_metric, pruning_line, summarize, summary_text
+from fashioncnn.sweep.summary import FAILED_STATUSES, RUNNING_ELSEWHERE, plan_metric, pruning_line, summarize, summary_text
 from fashioncnn.tracking import names, stores
 
 _launch_list: list[list[str]] | None = None
+# A command whose jobs another live process still trains: not a failure, and not done.
+RUNNING_ELSEWHERE_EXIT = 3
 
 
 def launch_list() -> list[list[str]]:
@@ -52,7 +56,8 @@ def _experiment_ids(plan: Plan) -> dict[tuple[str, str], str]:
 
 
 def run(plan: Plan) -> int:
-    """Train what the plan says; returns the exit code (0 all done, 1 a job failed, 130/143 interrupted)."""
+    """Train what the plan says; returns the exit code: 0 every job ended (here or earlier), 1 a job failed,
+    3 a job is still running elsewhere (another live process holds its run), 130/143 interrupted."""
     global _launch_list
     from fashioncnn.job.signals import handle_sigterm, interrupted_exit_code
 
@@ -64,8 +69,8 @@ def run(plan: Plan) -> int:
             print(f"{job.model_name}: skipped, already FINISHED as run {job.done.info.run_id} (force=true trains it again)")
             return 0
         if job.elsewhere is not None:
-            print(f"{job.model_name}: {job.action}")
-            return 0
+            print(f"{job.model_name}: {job.action}; run the same command again once it has ended", file=sys.stderr)
+            return RUNNING_ELSEWHERE_EXIT
         try:
             run_hydra(plan.args + decision(job, experiment_ids[job.tracking_uri, job.cfg.experiment]))
         except KeyboardInterrupt as stop:
@@ -109,6 +114,19 @@ def close_sweep(plan: Plan, parent: ParentRun, experiment_ids: Mapping[tuple[str
         print(pruning_line(rows, saved), flush=True)
     local = not tracking_uri.startswith(("http://", "https://"))
     print(f"in MLflow: {parent.url}" + ("  (start the UI with: make ui)" if local else ""), flush=True)
+    elsewhere = [row for row in rows if row["status"] == RUNNING_ELSEWHERE]
+    if elsewhere and not interrupted:
+        print(elsewhere_line(elsewhere, stores.store(tracking_uri)), file=sys.stderr, flush=True)
     if interrupted:
         return interrupted_exit_code(interrupted)
-    return 1 if failed else 0
+    return 1 if failed else RUNNING_ELSEWHERE_EXIT if elsewhere else 0
+
+
+def elsewhere_line(rows: list[dict[str, str]], store: stores.Store) -> str:
+    """Which jobs another live process still trains, and where: this command is not done with them."""
+    jobs = []
+    for row in rows:
+        run = store.client.get_run(row["run_id"])
+        jobs.append(f"#{row['job']} {row['model']} (run {row['run_id']}) on {lease.where(run)}")
+    return (f"{len(rows)} job(s) still running elsewhere: {'; '.join(jobs)}. They are not done: run the same "
+            "command again once they have ended (it skips what finished)")

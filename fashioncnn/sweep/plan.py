@@ -82,7 +82,8 @@ class PlannedJob:
             return f"skip: already FINISHED as run {self.done.info.run_id}"
         if self.elsewhere is not None:
             age = lease.heartbeat_age(self.elsewhere) or 0.0
-            return f"running elsewhere: run {self.elsewhere.info.run_id} (heartbeat {age:.0f} s ago); left alone"
+            return (f"running elsewhere: run {self.elsewhere.info.run_id} on {lease.where(self.elsewhere)} "
+                    f"(heartbeat {age:.0f} s ago); left alone")
         if self.resume is not None:
             return f"resume run {self.resume.info.run_id} from its checkpoint"
         return "train"
