@@ -24,9 +24,9 @@ from urllib.parse import urlparse
 
 import mlflow
 import torch
-from fashioncnn.serving import flavor
 
 from fashioncnn.core.model import ModelSpec, build_model, count_parameters
+from fashioncnn.serving import flavor
 
 MODELS = ("M2.2.32.32", "M1.3.32.32")
 

@@ -133,8 +133,8 @@ class Progress:
 
 def store_figures(cwd: Path, experiment: str) -> dict[str, Any]:
     """What the store says about the experiment's job runs: training time, pruned, the best."""
-    from fashioncnn.core.config import ranking_metric
-    from fashioncnn.tracking.queries import is_pruned, lower_is_better
+    from fashioncnn.core.config import lower_is_better, ranking_metric
+    from fashioncnn.tracking.queries import is_pruned
 
     database = cwd / "mlruns" / "mlflow.db"
     if not database.exists():

@@ -32,10 +32,10 @@ from fashioncnn.job.pruning import (
     median_verdict,
     saved_seconds,
 )
+from fashioncnn.results import report
 from fashioncnn.sweep import estimate
 from fashioncnn.sweep.plan import fingerprint
 from fashioncnn.sweep.preflight import jobs_of
-from fashioncnn.results import report
 from fashioncnn.tracking.queries import selectable
 
 register_schema()

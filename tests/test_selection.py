@@ -162,7 +162,6 @@ def made_up_runs(tmp_path, configs):
 
 def test_configurations_rank_by_the_mean_of_their_seeds(tmp_path):
     from fashioncnn.results.retrain import pick
-
     from fashioncnn.tracking.queries import rank_configurations, within_noise
 
     # lr 0.01 has the single best run (0.95) but the lower mean; lr 0.001 is better on average.

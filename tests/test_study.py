@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 from fashioncnn.core.config import ConfigError, register_schema
 from fashioncnn.core.data import DEBIAN_DIR
 from fashioncnn.core.model import ModelSpec, build_model, count_parameters
+from fashioncnn.results import report, retrain
 from fashioncnn.sweep.preflight import jobs_of
 from fashioncnn.tracking import queries
-from fashioncnn.results import report, retrain
 
 register_schema()
 needs_data = pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")

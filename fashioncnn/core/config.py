@@ -248,6 +248,11 @@ def fingerprint_neutral(node: Any = None, prefix: str = "") -> dict[str, Any]:
     return found
 
 
+def lower_is_better(metric: str) -> bool:
+    """Which way a metric is better, the one rule of the package: losses and times down, everything else up."""
+    return metric.endswith(("loss", "seconds"))
+
+
 def ranking_metric(select_metric: str) -> str:
     """The run-level metric that ranks runs selected by `select_metric` (test_acc: max_test_acc, the study's)."""
     return "max_test_acc" if select_metric == "test_acc" else f"best_{select_metric}"

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
-from fashioncnn.core.config import Optimizer, OptimizerImpl, Schedule
+from fashioncnn.core.config import Optimizer, OptimizerImpl, Schedule, lower_is_better
 from fashioncnn.core.data import MEAN, STD, FashionMNIST
 from fashioncnn.core.machine import reuse_freed_memory, training_network, use_bf16
 
@@ -179,7 +179,7 @@ def improves(select_metric: str, candidate: EpochMetrics, best: EpochMetrics | N
     if best is None:
         return True
     new, old = getattr(candidate, select_metric), getattr(best, select_metric)
-    return new < old if select_metric.endswith("loss") else new > old
+    return new < old if lower_is_better(select_metric) else new > old
 
 
 def make_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -210,129 +210,159 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return loss_sum.item() / len(images), correct.item() / len(images)
 
 
-def train(
-    cfg: DictConfig,
-    model: nn.Module,
-    data: FashionMNIST,
-    device: torch.device,
-    on_epoch: Callable[[EpochMetrics], str | None] = lambda metrics: None,
-    checkpoints: Checkpoints | None = None,
-) -> TrainResult:
+class Training:
+    """One run's training, set up once: the network as it runs here, its optimizer, schedule, random streams,
+    divergence guard and result. `state()` and `restore()` are one pair over one list of state keys."""
+
+    def __init__(self, cfg: DictConfig, model: nn.Module, data: FashionMNIST, device: torch.device) -> None:
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.model, self.device = cfg, model, device
+        self.order = torch.Generator().manual_seed(cfg.seed)  # its own generator: data order never depends on model init
+        if cfg.speed.reuse_memory and device.type == "cpu":
+            reuse_freed_memory()
+        model.to(device)
+        self.autocast = use_bf16(cfg, device)
+        self.memory_format = torch.channels_last if cfg.speed.channels_last else torch.contiguous_format
+        model.to(memory_format=self.memory_format)
+        self.data = data = data.to(device)
+        self.train_images = data.train_images.contiguous(memory_format=self.memory_format)
+        self.test_images = data.test_images.contiguous(memory_format=self.memory_format)
+        self.val_images = data.val_images.contiguous(memory_format=self.memory_format)
+        network = training_network(cfg, model, device)
+        self.step = torch.compile(network) if cfg.speed.compile else network
+        self.optimizer = make_optimizer(cfg, model)
+        self.n_batches = (len(self.train_images) + cfg.batch_size - 1) // cfg.batch_size
+        self.scheduler = make_scheduler(cfg, self.optimizer, cfg.epochs * self.n_batches)
+        self.augmenting = bool(cfg.augment.flip or cfg.augment.shift)
+        self.augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # augmentation never shifts data order
+        self.result = TrainResult(select_metric=getattr(cfg.select_metric, "value", cfg.select_metric),
+                                  precision="bf16" if self.autocast else "fp32")
+        if self.result.select_metric.startswith("val_") and not len(self.val_images):
+            raise ValueError(f"select_metric={self.result.select_metric} needs validation images; the data has none (val_size=0?)")
+        self.guard = DivergenceGuard(cfg.divergence)
+
+    def _state_keys(self) -> dict[str, tuple[Callable[[], object], Callable[[Any], object]]]:
+        """Everything the next epoch depends on, so that a resumed run ends exactly as an uninterrupted one."""
+        result, scheduler = self.result, self.scheduler
+        return {
+            "model": (self.model.state_dict, self.model.load_state_dict),
+            "optimizer": (self.optimizer.state_dict, self.optimizer.load_state_dict),
+            "order_rng": (self.order.get_state, self.order.set_state),
+            "torch_rng": (torch.get_rng_state, torch.set_rng_state),
+            "augment_rng": (self.augment_rng.get_state, self.augment_rng.set_state),
+            "scheduler": (lambda: scheduler.state_dict() if scheduler else None,
+                          lambda state: scheduler.load_state_dict(state) if scheduler else None),
+            "history": (lambda: [vars(m) for m in result.history],
+                        lambda history: setattr(result, "history", [EpochMetrics(**m) for m in history])),
+            "images_seen": (lambda: self.guard.images_seen, lambda seen: setattr(self.guard, "images_seen", seen)),
+            "best_epoch": (lambda: result.best_epoch, lambda epoch: setattr(result, "best_epoch", epoch)),
+            "best_model": (lambda: result.best_state, lambda weights: setattr(result, "best_state", weights)),
+        }
+
+    def state(self) -> dict[str, object]:
+        return {key: get() for key, (get, _) in self._state_keys().items()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for key, (_, put) in self._state_keys().items():
+            put(state[key])
+        self.result.resumed_after_epoch = len(self.result.history)
+
+    def train_epoch(self, epoch: int) -> tuple[float, float, int]:
+        """One pass over the training images; (mean loss, accuracy, images seen: fewer when the guard stopped it)."""
+        cfg, data, batch_size, n_train = self.cfg, self.data, self.cfg.batch_size, len(self.train_images)
+        self.model.train()
+        self.guard.new_epoch()
+        permutation = torch.randperm(n_train, generator=self.order).to(self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        progress = tqdm(range(self.n_batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+                        disable=not sys.stderr.isatty(), file=sys.stderr)
+        for batch in progress:
+            index = permutation[batch * batch_size : (batch + 1) * batch_size]
+            x, y = self.train_images[index], data.train_labels[index]
+            if self.augmenting:
+                x = augment(x, cfg.augment.flip, cfg.augment.shift, self.augment_rng).contiguous(memory_format=self.memory_format)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.step(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            if (batch + 1) % cfg.divergence.check_every == 0 or batch + 1 == self.n_batches:
+                self.result.diverged = self.guard.check(loss_sum.item(), int(correct.item()), min((batch + 1) * batch_size, n_train))
+                if self.result.diverged:
+                    break
+        seen = min((batch + 1) * batch_size, n_train)
+        return loss_sum.item() / seen, correct.item() / seen, seen
+
+    def measure(self, epoch: int, train_loss: float, train_acc: float, seen: int, started: float) -> EpochMetrics:
+        """The epoch's metrics: training figures, validation and test loss and accuracy, the time since `started`."""
+        batch_size, data = self.cfg.speed.eval_batch_size, self.data
+        val_loss = val_acc = None
+        if len(self.val_images):
+            val_loss, val_acc = evaluate(self.step, self.val_images, data.val_labels, batch_size, self.autocast)
+        test_loss, test_acc = evaluate(self.step, self.test_images, data.test_labels, batch_size, self.autocast)
+        metrics = EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc, time.perf_counter() - started, val_loss,
+                               val_acc, self.optimizer.param_groups[0]["lr"], cut_short=seen < len(self.train_images))
+        log.info("epoch %d/%d  train loss %.4f acc %.4f  %stest loss %.4f acc %.4f  %.1fs", epoch, self.cfg.epochs, train_loss,
+                 train_acc, "" if val_acc is None else f"val loss {val_loss:.4f} acc {val_acc:.4f}  ", test_loss, test_acc,
+                 metrics.epoch_seconds)
+        return metrics
+
+    def keep_if_best(self, metrics: EpochMetrics) -> None:
+        """The best epoch by the selection metric keeps a copy of the model's weights (on the CPU)."""
+        if improves(self.result.select_metric, metrics, self.result.best if self.result.best_epoch else None):
+            self.result.best_epoch = metrics.epoch
+            self.result.best_state = {key: value.detach().to("cpu", copy=True) for key, value in self.model.state_dict().items()}
+
+
+class DebugHooks:
+    """Failures injected on purpose (`debug.*`), for the tests of failure handling and resume."""
+
+    def __init__(self, debug: DictConfig) -> None:
+        self.debug = debug
+
+    def before_epoch(self, epoch: int) -> None:
+        if epoch == self.debug.fail_at_epoch:
+            raise RuntimeError(f"injected failure at epoch {epoch} (debug.fail_at_epoch={epoch})")
+
+    def after_checkpoint(self, epoch: int, checkpoints: Checkpoints) -> None:
+        """Exit at once, as `kill -9` would, once this epoch's checkpoint is stored and before its metrics go on."""
+        if epoch == self.debug.exit_after_checkpoint:
+            checkpoints.flush(timeout=600)
+            log.warning("debug.exit_after_checkpoint=%d: exiting as if killed", epoch)
+            logging.shutdown()
+            os._exit(137)
+
+
+def train(cfg: DictConfig, model: nn.Module, data: FashionMNIST, device: torch.device,
+          on_epoch: Callable[[EpochMetrics], str | None] = lambda metrics: None, checkpoints: Checkpoints | None = None) -> TrainResult:
     """Train for cfg.epochs; with `checkpoints`, resume from the latest one and store one after every epoch.
 
     `on_epoch` gets each epoch's metrics; a string it returns stops the run there (a pruner's reason).
     """
-    torch.manual_seed(cfg.seed)
-    order = torch.Generator().manual_seed(cfg.seed)  # its own generator: data order never depends on model init
-    if cfg.speed.reuse_memory and device.type == "cpu":
-        reuse_freed_memory()
-    model.to(device)
-    autocast = use_bf16(cfg, device)
-    memory_format = torch.channels_last if cfg.speed.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
-    data = data.to(device)
-    train_images = data.train_images.contiguous(memory_format=memory_format)
-    test_images = data.test_images.contiguous(memory_format=memory_format)
-    val_images = data.val_images.contiguous(memory_format=memory_format)
-    network = training_network(cfg, model, device)
-    step = torch.compile(network) if cfg.speed.compile else network
-    optimizer = make_optimizer(cfg, model)
-    n_train, batch_size = len(train_images), cfg.batch_size
-    n_batches = (n_train + batch_size - 1) // batch_size
-    scheduler = make_scheduler(cfg, optimizer, cfg.epochs * n_batches)
-    augmenting = bool(cfg.augment.flip or cfg.augment.shift)
-    augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # its own: augmentation never shifts data order
-    result = TrainResult(select_metric=getattr(cfg.select_metric, "value", cfg.select_metric),
-                         precision="bf16" if autocast else "fp32")
-    if result.select_metric.startswith("val_") and not len(val_images):
-        raise ValueError(f"select_metric={result.select_metric} needs validation images; the data has none (val_size=0?)")
-    guard = DivergenceGuard(cfg.divergence)
-    checkpoint = checkpoints.latest() if checkpoints is not None else None
-    if checkpoint is not None:
-        # Everything the next epoch depends on, so a resumed run ends exactly as an uninterrupted one.
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        order.set_state(state["order_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        augment_rng.set_state(state["augment_rng"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        result.history = [EpochMetrics(**m) for m in state["history"]]
-        result.resumed_after_epoch = len(result.history)
-        result.best_epoch, result.best_state = state["best_epoch"], state["best_model"]
-        guard.images_seen = state["images_seen"]
-        log.info("resumed from %s after epoch %d", checkpoint, result.resumed_after_epoch)
-
+    run, debug = Training(cfg, model, data, device), DebugHooks(cfg.debug)
+    result = run.result
+    latest = checkpoints.latest() if checkpoints is not None else None
+    if latest is not None:
+        run.restore(torch.load(latest, map_location="cpu", weights_only=False))
+        log.info("resumed from %s after epoch %d", latest, result.resumed_after_epoch)
     for epoch in range(result.resumed_after_epoch + 1, cfg.epochs + 1):
-        if epoch == cfg.debug.fail_at_epoch:
-            raise RuntimeError(f"injected failure at epoch {epoch} (debug.fail_at_epoch={epoch})")
+        debug.before_epoch(epoch)
         started = time.perf_counter()
-        model.train()
-        guard.new_epoch()
-        permutation = torch.randperm(n_train, generator=order).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        progress = tqdm(
-            range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
-            disable=not sys.stderr.isatty(), file=sys.stderr,
-        )
-        for batch in progress:
-            index = permutation[batch * batch_size : (batch + 1) * batch_size]
-            x, y = train_images[index], data.train_labels[index]
-            if augmenting:
-                x = augment(x, cfg.augment.flip, cfg.augment.shift, augment_rng).contiguous(memory_format=memory_format)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = step(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            if (batch + 1) % cfg.divergence.check_every == 0 or batch + 1 == n_batches:
-                result.diverged = guard.check(loss_sum.item(), int(correct.item()), min((batch + 1) * batch_size, n_train))
-                if result.diverged:
-                    break
-        seen = min((batch + 1) * batch_size, n_train)  # fewer than n_train when the guard stopped the epoch
-        train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
-        val_loss = val_acc = None
-        if len(val_images):
-            val_loss, val_acc = evaluate(step, val_images, data.val_labels, cfg.speed.eval_batch_size, autocast)
-        test_loss, test_acc = evaluate(step, test_images, data.test_labels, cfg.speed.eval_batch_size, autocast)
-        metrics = EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc, time.perf_counter() - started, val_loss, val_acc,
-                               optimizer.param_groups[0]["lr"], cut_short=seen < n_train)
-        log.info(
-            "epoch %d/%d  train loss %.4f acc %.4f  %stest loss %.4f acc %.4f  %.1fs",
-            epoch, cfg.epochs, train_loss, train_acc,
-            "" if val_acc is None else f"val loss {val_loss:.4f} acc {val_acc:.4f}  ", test_loss, test_acc, metrics.epoch_seconds,
-        )
-        if improves(result.select_metric, metrics, result.best if result.best_epoch else None):
-            result.best_epoch = epoch
-            result.best_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+        train_loss, train_acc, seen = run.train_epoch(epoch)
+        metrics = run.measure(epoch, train_loss, train_acc, seen, started)
+        run.keep_if_best(metrics)
         result.history.append(metrics)
         # The checkpoint before the epoch's metrics: a kill in between re-logs nothing on resume (the job
         # logs the restored epochs its run lacks), where the other order would log the epoch twice.
         if checkpoints is not None and not result.diverged:
-            checkpoints.save(epoch, dict(
-                model=model.state_dict(),
-                optimizer=optimizer.state_dict(),
-                order_rng=order.get_state(),
-                torch_rng=torch.get_rng_state(),
-                augment_rng=augment_rng.get_state(),
-                scheduler=scheduler.state_dict() if scheduler is not None else None,
-                history=[vars(m) for m in result.history],
-                images_seen=guard.images_seen,
-                best_epoch=result.best_epoch,
-                best_model=result.best_state,
-            ))
-            if epoch == cfg.debug.exit_after_checkpoint:
-                checkpoints.flush(timeout=600)
-                log.warning("debug.exit_after_checkpoint=%d: exiting as if killed", epoch)
-                logging.shutdown()
-                os._exit(137)
+            checkpoints.save(epoch, run.state())
+            debug.after_checkpoint(epoch, checkpoints)
         result.pruned = on_epoch(metrics)
         if result.diverged:
             log.warning("stopped early in epoch %d: %s", epoch, result.diverged)

@@ -25,6 +25,7 @@ from mlflow.entities import Run, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from fashioncnn.core.config import lower_is_better
 from fashioncnn.job import optuna_trial
 from fashioncnn.tracking import names, record, stores
 
@@ -43,10 +44,6 @@ class Pruner(Protocol):
 class NeverPrune:
     def after_epoch(self, metrics: EpochMetrics) -> str | None:
         return None
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric.endswith("loss")
 
 
 def best_so_far(history: dict[int, float], epoch: int, lower: bool) -> float | None:

@@ -23,8 +23,8 @@ from fashioncnn.core.machine import resolve_device
 from fashioncnn.core.model import ModelSpec, build_model, count_parameters, run_name
 from fashioncnn.core.sources import option_source
 from fashioncnn.job import checkpoints, lease
-from fashioncnn.job.signals import handle_sigterm
 from fashioncnn.job.pruning import make_pruner
+from fashioncnn.job.signals import handle_sigterm
 from fashioncnn.tracking import links, record, stores
 from fashioncnn.tracking.delivery import Delivery
 from fashioncnn.tracking.names import (

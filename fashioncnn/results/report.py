@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+from fashioncnn.core.config import lower_is_better
 from fashioncnn.tracking import links
 from fashioncnn.tracking.names import PARENT_TAG, SWEEP_TAG
 from fashioncnn.tracking.queries import (
@@ -37,7 +38,6 @@ from fashioncnn.tracking.queries import (
     check_metric,
     is_diverged,
     is_pruned,
-    lower_is_better,
     mask,
     metric,
     not_config,

@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from fashioncnn.core import sources
-from fashioncnn.core.config import LEGACY_SPEED_KEYS, not_learned_keys
+from fashioncnn.core.config import LEGACY_SPEED_KEYS, lower_is_better, not_learned_keys
 from fashioncnn.sweep import overrides as ov
 from fashioncnn.tracking.queries import (
     DEFAULT_METRIC,
     ResultsError,
     check_metric,
     configuration,
-    lower_is_better,
     mask,
     metric,
     param_value,

@@ -41,20 +41,19 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from fashioncnn.core import sources
-from fashioncnn.core.config import ConfigError, register_schema
+from fashioncnn.core.config import ConfigError, lower_is_better, register_schema
 from fashioncnn.core.model import run_name
+from fashioncnn.job.app import run_hydra
 from fashioncnn.job.optuna_trial import make_optuna_pruner, open_storage
 from fashioncnn.sweep import overrides as ov
-from fashioncnn.sweep.overrides import SWEEPER_OVERRIDE
 from fashioncnn.sweep import preflight
-from fashioncnn.job.app import run_hydra
 from fashioncnn.sweep.launch import close_sweep, decision
+from fashioncnn.sweep.overrides import SWEEPER_OVERRIDE
 from fashioncnn.sweep.parent import ParentRun
 from fashioncnn.sweep.plan import Plan, PlannedJob, decide, fingerprint, store_error
 from fashioncnn.sweep.summary import plan_metric_of
 from fashioncnn.tracking import names, record, stores
 from fashioncnn.tracking.names import PRUNER_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
-from fashioncnn.tracking.queries import lower_is_better
 from fashioncnn.tracking.secrets import mask_secrets
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from fashioncnn.core.config import lower_is_better
 from fashioncnn.tracking.names import DIVERGED_TAG, PARENT_TAG, PRUNED_TAG, ROLE_TAG, SWEEP_TAG
 from fashioncnn.tracking.secrets import mask_secrets
 from fashioncnn.tracking.stores import resolve_tracking_uri, sqlite_path
@@ -63,10 +64,6 @@ def is_diverged(run: Run) -> bool:
 
 def is_pruned(run: Run) -> bool:
     return run.data.tags.get(PRUNED_TAG, "").lower() == "true"
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric.endswith(("loss", "seconds"))
 
 
 @dataclass
