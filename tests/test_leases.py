@@ -96,3 +96,16 @@ def test_a_dataset_insert_lost_to_a_concurrent_job_is_retried_and_other_errors_a
     monkeypatch.setattr(mlflow, "log_input", refuse)
     with pytest.raises(mlflow.exceptions.MlflowException, match="run gone"):
         record._log_input_once_created(object(), "train", {})
+
+
+def test_a_decision_travels_as_one_hydra_override_and_back():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fashioncnn.job.decision import Decision, TrialRef
+
+    decision = Decision("7", "0123456789abcdef", "r" * 32, "sweep1", "p" * 32,
+                        TrialRef("study 'quoted' \\ name", "sqlite:////tmp/a b/optuna.db", 3, "median:1:2:3"))
+    override = OverridesParser.create().parse_override(decision.override())
+    assert override.key_or_group == "hydra.job.env_set.FASHIONCNN_DECISION"  # a hydra.* override: not in the launch log
+    assert Decision.from_json(override.value()) == decision
+    assert Decision.from_json(Decision("7", "fp").to_json()) == Decision("7", "fp")

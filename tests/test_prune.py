@@ -19,6 +19,7 @@ from fashioncnn.core.config import ConfigError, register_schema
 from fashioncnn.core.data import DEBIAN_DIR
 from fashioncnn.core.loop import EpochMetrics
 from fashioncnn.core.model import ModelSpec
+from fashioncnn.job.decision import Decision
 from fashioncnn.job.pruning import (
     AshaPruner,
     FirstToStop,
@@ -198,15 +199,16 @@ def test_saved_seconds():
 # ------------------------------------------------------------------------------------------- the config
 
 
-def test_prune_group_composes_and_keeps_the_fingerprint(monkeypatch):
+def test_prune_group_composes_and_keeps_the_fingerprint():
     default = compose()
     assert default.prune.name.value == "none"
     median, asha = compose("prune=median"), compose("prune=asha", "prune.reduction_factor=2")
     assert (median.prune.name.value, median.prune.min_siblings) == ("median", 3)
     assert (asha.prune.name.value, asha.prune.reduction_factor, asha.prune.min_epoch) == ("asha", 2, 1)
     assert fingerprint(median) == fingerprint(asha) == fingerprint(default)
-    monkeypatch.delenv("FASHIONCNN_SWEEP_ID", raising=False)
-    assert isinstance(make_pruner(median, "run"), NeverPrune)  # outside a sweep: no siblings, never pruned
+    assert isinstance(make_pruner(median, "run"), NeverPrune)  # no decision: not a plan's job, never pruned
+    alone = Decision("1", "fp")  # a plan's single run (no -m): no sweep, so no siblings
+    assert isinstance(make_pruner(median, "run", alone), NeverPrune)
 
 
 @pytest.mark.parametrize("args,message", [

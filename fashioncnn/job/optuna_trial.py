@@ -1,21 +1,20 @@
 """The job's side of an Optuna trial: report the selection metric after each epoch, stop when Optuna prunes.
 
-A job launched by `hydra/sweeper=optuna` finds its study, storage, trial and pruner in its
-environment (fashioncnn.sweep.search puts them in `hydra.job.env_set`). It opens the study's RDB storage
+A job launched by `hydra/sweeper=optuna` finds its study, storage, trial and pruner in its decision
+(fashioncnn.job.decision.TrialRef, put there by fashioncnn.sweep.search). It opens the study's RDB storage
 itself, so reports and pruning decisions go through the shared storage from any worker (joblib,
 submitit), and Optuna's pruner compares the trial with the study's other trials at the same epoch.
 """
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import mlflow
 import optuna
-from omegaconf import DictConfig
 
-from fashioncnn.tracking.names import PRUNER_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
+from fashioncnn.job.decision import TrialRef
+from fashioncnn.tracking.names import STUDY_TAG, TRIAL_TAG
 
 if TYPE_CHECKING:
     from fashioncnn.core.loop import EpochMetrics
@@ -43,15 +42,17 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 class OptunaTrialPruner:
     """Reports `select_metric` per epoch to the trial (step = epoch); its reason when the study's pruner says stop."""
 
-    def __init__(self, study_name: str, storage: str, trial_id: int, pruner_spec: str, select_metric: str, run_id: str) -> None:
+    def __init__(self, trial: TrialRef, select_metric: str, run_id: str,
+                 set_tags: Callable[[Mapping[str, str]], None] | None = None) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage),
-                                  pruner=make_optuna_pruner(pruner_spec))
-        self.trial = optuna.trial.Trial(study, trial_id)
-        self.metric, self.pruner, self.run_id = select_metric, pruner_spec.split(":", 1)[0], run_id
+        study = optuna.load_study(study_name=trial.study, storage=open_storage(trial.storage),
+                                  pruner=make_optuna_pruner(trial.pruner))
+        self.trial = optuna.trial.Trial(study, trial.trial_id)
+        self.metric, self.pruner, self.run_id = select_metric, trial.pruner.split(":", 1)[0], run_id
         self.first_epoch = True
         self.trial.set_user_attr("mlflow_run_id", run_id)
-        mlflow.set_tags({"optuna.study": study_name, "optuna.trial": str(self.trial.number)})
+        if set_tags is not None:
+            set_tags({STUDY_TAG: trial.study, TRIAL_TAG: str(self.trial.number)})
 
     def after_epoch(self, metrics: EpochMetrics) -> str | None:
         value = getattr(metrics, self.metric)
@@ -74,12 +75,3 @@ class OptunaTrialPruner:
         for logged in mlflow.tracking.MlflowClient().get_metric_history(self.run_id, self.metric):
             if logged.step < epoch:
                 self.trial.report(float(logged.value), logged.step)
-
-
-def from_environment(cfg: DictConfig, run_id: str) -> OptunaTrialPruner | None:
-    """The trial's pruner when this job is an Optuna trial, else None."""
-    if TRIAL_ENV not in os.environ:
-        return None
-    select_metric = str(getattr(cfg.select_metric, "value", cfg.select_metric))
-    return OptunaTrialPruner(os.environ[STUDY_ENV], os.environ[STORAGE_ENV], int(os.environ[TRIAL_ENV]),
-                             os.environ[PRUNER_ENV], select_metric, run_id)

@@ -16,23 +16,25 @@ stopped after its last epoch (nothing left to save) nor outside a sweep (no sibl
 
 from __future__ import annotations
 
-import os
 import statistics
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
-from mlflow.entities import Run, RunTag
-from mlflow.tracking import MlflowClient
+from mlflow.entities import Run
 from omegaconf import DictConfig
 
 from fashioncnn.core.config import lower_is_better
 from fashioncnn.job import optuna_trial
+from fashioncnn.job.decision import Decision
 from fashioncnn.tracking import names, record, stores
 
 if TYPE_CHECKING:
     from fashioncnn.core.loop import EpochMetrics
 
 _ENDED = {"FINISHED", "FAILED", "KILLED"}
+
+
+TagSink = Callable[[Mapping[str, str]], None]  # the job's run's set_tags: every write goes through the run
 
 
 class Pruner(Protocol):
@@ -142,9 +144,9 @@ class _SiblingPruner(ABC):
     rule = ""
 
     def __init__(self, run_id: str, epochs: int, metric: str, siblings: Siblings,
-                 client: MlflowClient | None = None) -> None:
+                 set_tags: TagSink | None = None) -> None:
         self.run_id, self.epochs, self.metric, self.siblings = run_id, epochs, metric, siblings
-        self.client = client  # where the detail tags go (an MlflowClient); None: nowhere (unit tests)
+        self.set_tags = set_tags  # where the verdict's detail tags go (the job's run); None: nowhere (unit tests)
         self.lower = lower_is_better(metric)
         self.own: dict[int, float] = {}
 
@@ -176,20 +178,20 @@ class _SiblingPruner(ABC):
         if threshold is None:
             return None
         reason = self._reason(epoch, own, threshold, len(others_at))
-        if self.client is not None:
+        if self.set_tags is not None:
             details = {"pruned_rule": self.rule, "pruned_metric": self.metric,
                        "pruned_value": f"{own:.6g}", "pruned_threshold": f"{threshold:.6g}",
                        "pruned_siblings": str(len(others_at))}
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in details.items()])
+            self.set_tags(details)
         return reason
 
 
 class MedianPruner(_SiblingPruner):
     rule = "median"
 
-    def __init__(self, run_id: str, epochs: int, metric: str, siblings: Siblings, client: MlflowClient | None = None,
+    def __init__(self, run_id: str, epochs: int, metric: str, siblings: Siblings, set_tags: TagSink | None = None,
                  warmup_epochs: int = 0, min_siblings: int = 3) -> None:
-        super().__init__(run_id, epochs, metric, siblings, client)
+        super().__init__(run_id, epochs, metric, siblings, set_tags)
         self.warmup_epochs, self.min_siblings = warmup_epochs, min_siblings
 
     def _decides_at(self, epoch: int) -> bool:
@@ -206,9 +208,9 @@ class MedianPruner(_SiblingPruner):
 class AshaPruner(_SiblingPruner):
     rule = "asha"
 
-    def __init__(self, run_id: str, epochs: int, metric: str, siblings: Siblings, client: MlflowClient | None = None,
+    def __init__(self, run_id: str, epochs: int, metric: str, siblings: Siblings, set_tags: TagSink | None = None,
                  reduction_factor: int = 3, min_epoch: int = 1, min_siblings: int = 2) -> None:
-        super().__init__(run_id, epochs, metric, siblings, client)
+        super().__init__(run_id, epochs, metric, siblings, set_tags)
         self.reduction_factor, self.min_siblings = reduction_factor, min_siblings
         self.rungs = asha_rungs(self.epochs, min_epoch, reduction_factor)
 
@@ -225,14 +227,16 @@ class AshaPruner(_SiblingPruner):
                 f"(needs {'<=' if self.lower else '>='} {threshold:.4f})")
 
 
-def make_pruner(cfg: DictConfig, run_id: str) -> Pruner:
-    """The pruners that `cfg` asks for, for the run `run_id`: an Optuna trial's (hydra/sweeper=optuna), which
-    also reports each epoch to its study, and `cfg.prune`'s, from the sweep's runs in the store; the first
-    that says stop stops the run. Outside a sweep, none."""
+def make_pruner(cfg: DictConfig, run_id: str, decision: Decision | None = None, set_tags: TagSink | None = None) -> Pruner:
+    """The pruners that `cfg` and the job's decision ask for, for the run `run_id`: an Optuna trial's
+    (hydra/sweeper=optuna), which also reports each epoch to its study, and `cfg.prune`'s, from the sweep's
+    runs in the store; the first that says stop stops the run. Outside a sweep, none. Their tags go to
+    `set_tags` (the job's run)."""
     pruners: list[Pruner] = []
-    if (trial := optuna_trial.from_environment(cfg, run_id)) is not None:
-        pruners.append(trial)
-    if (siblings := _sibling_pruner(cfg, run_id)) is not None:
+    if decision is not None and decision.trial is not None:
+        select_metric = str(getattr(cfg.select_metric, "value", cfg.select_metric))
+        pruners.append(optuna_trial.OptunaTrialPruner(decision.trial, select_metric, run_id, set_tags))
+    if decision is not None and (siblings := _sibling_pruner(cfg, run_id, decision, set_tags)) is not None:
         pruners.append(siblings)
     if not pruners:
         return NeverPrune()
@@ -250,21 +254,19 @@ class FirstToStop:
         return next((reason for reason in reasons if reason), None)
 
 
-def _sibling_pruner(cfg: DictConfig, run_id: str) -> Pruner | None:
+def _sibling_pruner(cfg: DictConfig, run_id: str, decision: Decision, set_tags: TagSink | None) -> Pruner | None:
     """`cfg.prune`'s rule over the sweep's runs in the store; None for prune=none or outside a sweep."""
     rule = getattr(cfg.prune.name, "value", cfg.prune.name)
-    sweep_id = os.environ.get(names.SWEEP_ID_ENV)
-    if rule == "none" or not sweep_id:
+    if rule == "none" or not decision.sweep_id:
         return None
     metric = getattr(cfg.select_metric, "value", cfg.select_metric)
     store = stores.store(stores.resolve_tracking_uri(cfg))
-    siblings = Siblings(store, os.environ[names.EXPERIMENT_ID_ENV], sweep_id, run_id,
-                        os.environ.get(names.FINGERPRINT_ENV, ""), metric)
+    siblings = Siblings(store, decision.experiment_id, decision.sweep_id, run_id, decision.fingerprint, metric)
     if rule == "median":
-        return MedianPruner(run_id, cfg.epochs, metric, siblings, store.client,
+        return MedianPruner(run_id, cfg.epochs, metric, siblings, set_tags,
                             warmup_epochs=cfg.prune.warmup_epochs, min_siblings=cfg.prune.min_siblings)
     if rule == "asha":
-        return AshaPruner(run_id, cfg.epochs, metric, siblings, store.client, reduction_factor=cfg.prune.reduction_factor,
+        return AshaPruner(run_id, cfg.epochs, metric, siblings, set_tags, reduction_factor=cfg.prune.reduction_factor,
                           min_epoch=cfg.prune.min_epoch, min_siblings=cfg.prune.min_siblings)
     raise ValueError(f"prune={rule}: no such pruner; available: none, median, asha")
 

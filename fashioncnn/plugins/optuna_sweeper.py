@@ -1,11 +1,12 @@
 """`hydra/sweeper=optuna`: a sampled search, Optuna asking for trials and told what each trial's run came to.
 
-fashioncnn.sweep.search has planned the search (space, settings, study, parent run); this sweeper runs it:
+fashioncnn.sweep.search has planned the search (space, settings, study, parent run) and hands it to this
+sweeper as a value (`hydra.sweeper.search`); this sweeper runs it:
 in batches of n_jobs, it asks the study for trials, composes and checks each trial's config with
 Hydra's config loader, and decides it as a grid job is decided (a FINISHED run of the same config is
 told to Optuna from the store instead of trained; an interrupted one resumes from its checkpoint). It
-launches the rest through the configured launcher, each with its decision and its trial in
-`hydra.job.env_set` (the job reports its selection metric per epoch to the trial, where Optuna's
+launches the rest through the configured launcher, each with its decision, the trial among it
+(fashioncnn.job.decision: the job reports its selection metric per epoch to the trial, where Optuna's
 pruner judges it), then reads each trial's run back from the store and tells the study: the run's
 ranking metric, PRUNED for a pruned or diverged run, FAIL for a failed one. It stops when the study
 has n_trials complete or pruned trials, or when it has asked for as many trials as were missing when
@@ -30,17 +31,21 @@ log = logging.getLogger(__name__)
 class OptunaSweeper(Sweeper):
     def __init__(self, n_trials: int = 20, sampler: str = "tpe", seed: Optional[int] = 0, pruner: str = "none",
                  min_epochs: int = 1, startup_trials: int = 2, reduction_factor: int = 3, n_jobs: int = 1,
-                 storage: Optional[str] = None) -> None:
-        # The settings were read and checked when the search was planned (fashioncnn.sweep.search.Settings).
+                 storage: Optional[str] = None, search: Optional[str] = None) -> None:
+        # The settings were read and checked when the search was planned (fashioncnn.sweep.search.Settings);
+        # `search` is the search under way as a value (fashioncnn.sweep.search.Search.to_json).
+        if search is None:
+            raise ValueError("hydra/sweeper=optuna runs a fashioncnn search: run it with python -m fashioncnn -m hydra/sweeper=optuna ...")
+        self.search_value = search
         self.config: Optional[DictConfig] = None
         self.launcher: Optional[Launcher] = None
         self.hydra_context: Optional[HydraContext] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        from hydra_plugins.fashioncnn_plugins.plan_sweeper import instantiate_launcher
+        from hydra_plugins.fashioncnn_plugins.plan_sweeper import consumed, instantiate_launcher
 
-        self.config, self.hydra_context = config, hydra_context
-        self.launcher = instantiate_launcher(hydra_context, task_function, config)
+        self.config, self.hydra_context = consumed(config, "search"), hydra_context
+        self.launcher = instantiate_launcher(hydra_context, task_function, self.config)
 
     def compose(self, overrides: List[str]) -> DictConfig:
         """A trial's job config, as the launcher will compose it, checked as preflight checks a grid job."""
@@ -68,7 +73,7 @@ class OptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        search = searching.active()
+        search = searching.Search.from_json(self.search_value)
         study, returns = search.study, []
         while search.to_ask() > 0:
             runs = search.runs_by_fingerprint()
@@ -80,7 +85,7 @@ class OptunaSweeper(Sweeper):
                 try:
                     batch.append((trial, search.trial_job(trial, self.compose, runs)))
                 except ConfigError as error:
-                    search.rejected.append(f"trial #{trial.number}: not run: {error}")
+                    trial.set_user_attr("rejected", str(error))
                     study.tell(trial, state=TrialState.FAIL)
             launched: dict[str, Any] = {}  # fingerprint -> the trial that trains it in this batch
             to_launch = []
@@ -103,7 +108,7 @@ class OptunaSweeper(Sweeper):
                 if job.done is None and job.elsewhere is None:
                     # The newest run of this config in this sweep: the one just trained or resumed.
                     run = next((r for r in ran.get(job.fingerprint, [])
-                                if r.data.tags.get(names.SWEEP_TAG) == search.parent.sweep_id), None)
+                                if r.data.tags.get(names.SWEEP_TAG) == search.sweep_id), None)
                     status = search.tell(trial, run, told_from_store=launched[job.fingerprint] is not trial)
                     log.info("trial #%d %s: %s", trial.number, job.command, status)
         return returns

@@ -1,45 +1,43 @@
 """Running a plan: the stores and experiments made, the parent run opened, the jobs launched, the sweep closed.
 
 `run()` creates the store and experiments, opens the sweep's parent run (-m), and has Hydra launch the
-jobs still to do (hydra_plugins/fashioncnn_plugins/plan_sweeper.py), each with its decision in
-`hydra.job.env_set`, so a job in any process or on any machine acts on it without looking again.
+jobs still to do (hydra_plugins/fashioncnn_plugins/plan_sweeper.py, given them as one value), each with
+its decision (fashioncnn.job.decision), so a job in any process or on any machine acts on it without
+looking again.
 `close_sweep()` writes the closing summary, read back from the store whoever ran the jobs, on the parent
 run and in the terminal, and gives the exit code. A sampled search (search.py) closes the same way.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Mapping
 
 from fashioncnn.job import lease
 from fashioncnn.job.app import run_hydra
+from fashioncnn.job.decision import Decision, TrialRef
 from fashioncnn.sweep import overrides as ov
 from fashioncnn.sweep.parent import ParentRun
 from fashioncnn.sweep.plan import Plan, PlannedJob, store_error
 from fashioncnn.sweep.summary import FAILED_STATUSES, RUNNING_ELSEWHERE, plan_metric, pruning_line, summarize, summary_text
-from fashioncnn.tracking import names, stores
+from fashioncnn.tracking import stores
 
-_launch_list: list[list[str]] | None = None
 # A command whose jobs another live process still trains: not a failure, and not done.
 RUNNING_ELSEWHERE_EXIT = 3
+SWEEPER_JOBS_KEY = "hydra.sweeper.jobs"  # the plan sweeper's list of jobs to launch (conf/hydra/sweeper/fashioncnn.yaml)
 
 
-def launch_list() -> list[list[str]]:
-    """The jobs the current sweep launches (for the plan sweeper), each with its decision in hydra.job.env_set."""
-    if _launch_list is None:
-        raise RuntimeError("hydra/sweeper=fashioncnn launches the jobs of a fashioncnn plan: run sweeps with python -m fashioncnn -m ...")
-    return _launch_list
+def decision(job: PlannedJob, experiment_id: str, sweep_id: str | None = None, parent_run_id: str | None = None,
+             trial: TrialRef | None = None) -> Decision:
+    """What the plan decided for `job`, as the value the job receives."""
+    return Decision(experiment_id, job.fingerprint, job.resume.info.run_id if job.resume is not None else None,
+                    sweep_id, parent_run_id, trial)
 
 
-def decision(job: PlannedJob, experiment_id: str, sweep_id: str | None = None, parent_run_id: str | None = None) -> list[str]:
-    """What the job must do, as environment variables Hydra sets for it (in this process or a worker's)."""
-    env = {names.EXPERIMENT_ID_ENV: experiment_id, names.FINGERPRINT_ENV: job.fingerprint}
-    if job.resume is not None:
-        env[names.RESUME_RUN_ENV] = job.resume.info.run_id
-    if sweep_id and parent_run_id:
-        env[names.SWEEP_ID_ENV], env[names.PARENT_RUN_ENV] = sweep_id, parent_run_id
-    return [f"++hydra.job.env_set.{key}={ov.quote(value)}" for key, value in env.items()]
+def jobs_override(jobs: list[list[str]]) -> str:
+    """The plan sweeper's jobs, each one's overrides with its decision: one value on the command line Hydra runs."""
+    return f"{SWEEPER_JOBS_KEY}={ov.quote(json.dumps(jobs))}"
 
 
 def _experiment_ids(plan: Plan) -> dict[tuple[str, str], str]:
@@ -58,7 +56,6 @@ def _experiment_ids(plan: Plan) -> dict[tuple[str, str], str]:
 def run(plan: Plan) -> int:
     """Train what the plan says; returns the exit code: 0 every job ended (here or earlier), 1 a job failed,
     3 a job is still running elsewhere (another live process holds its run), 130/143 interrupted."""
-    global _launch_list
     from fashioncnn.job.signals import handle_sigterm, interrupted_exit_code
 
     experiment_ids = _experiment_ids(plan)
@@ -72,29 +69,27 @@ def run(plan: Plan) -> int:
             print(f"{job.model_name}: {job.action}; run the same command again once it has ended", file=sys.stderr)
             return RUNNING_ELSEWHERE_EXIT
         try:
-            run_hydra(plan.args + decision(job, experiment_ids[job.tracking_uri, job.cfg.experiment]))
+            run_hydra(plan.args + [decision(job, experiment_ids[job.tracking_uri, job.cfg.experiment]).override()])
         except KeyboardInterrupt as stop:
             return interrupted_exit_code(stop)
         return 0
 
     first = plan.jobs[0]
     parent = ParentRun(plan, stores.store(first.tracking_uri), experiment_ids[first.tracking_uri, first.cfg.experiment])
-    _launch_list = [job.overrides + decision(job, experiment_ids[job.tracking_uri, job.cfg.experiment], parent.sweep_id, parent.run_id)
-                    for job in plan.to_run]
+    jobs = [job.overrides + [decision(job, experiment_ids[job.tracking_uri, job.cfg.experiment], parent.sweep_id,
+                                      parent.run_id).override()] for job in plan.to_run]
     elsewhere = sum(job.elsewhere is not None for job in plan.jobs)
     print(f"sweep {parent.sweep_id}: {len(plan.jobs)} jobs, {len(plan.jobs) - len(plan.to_run) - elsewhere} already finished"
           + (f", {elsewhere} running elsewhere" if elsewhere else "")
           + (" (re-attached to its parent run)" if parent.reattached else ""), flush=True)
     interrupted = None
     try:
-        run_hydra(plan.args)
+        run_hydra([*plan.args, jobs_override(jobs)])
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM
         interrupted = stop
         parent.kill_unfinished_jobs()
     except SystemExit:  # Hydra reports a launcher failure itself and exits; the summary still follows
         pass
-    finally:
-        _launch_list = None
     return close_sweep(plan, parent, experiment_ids, interrupted, first.tracking_uri)
 
 

@@ -16,7 +16,7 @@ trials a killed process left RUNNING are failed and queued again (their runs res
 checkpoints), and the sweep's parent run re-attaches. Each trial is planned like a grid job
 (PlannedJob: fingerprint, skip a FINISHED run of the same config, resume one with a checkpoint)
 and launched by the sweeper (hydra_plugins/fashioncnn_plugins/optuna_sweeper.py) with the study and
-trial in `hydra.job.env_set`, where the job's pruner (fashioncnn/trial_pruner.py) reports to it.
+trial in its decision (fashioncnn/job/decision.py), where the job's pruner (fashioncnn/job/optuna_trial.py) reports to it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -37,13 +37,21 @@ from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep
 from hydra.errors import HydraException
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+    distribution_to_json,
+    json_to_distribution,
+)
 from optuna.trial import TrialState
 
 from fashioncnn.core import sources
 from fashioncnn.core.config import ConfigError, lower_is_better, register_schema
 from fashioncnn.core.model import run_name
 from fashioncnn.job.app import run_hydra
+from fashioncnn.job.decision import TrialRef
 from fashioncnn.job.optuna_trial import make_optuna_pruner, open_storage
 from fashioncnn.sweep import overrides as ov
 from fashioncnn.sweep import preflight
@@ -53,7 +61,6 @@ from fashioncnn.sweep.parent import ParentRun
 from fashioncnn.sweep.plan import Plan, PlannedJob, decide, fingerprint, store_error
 from fashioncnn.sweep.summary import plan_metric_of
 from fashioncnn.tracking import names, record, stores
-from fashioncnn.tracking.names import PRUNER_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
 from fashioncnn.tracking.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,7 @@ PRUNERS = {"none": "none", "median": "median", "asha": "asha", "successive_halvi
 # A study ranks trials by one metric in one experiment of one store: these cannot vary between trials.
 NOT_SEARCHABLE = ("experiment", "tracking_uri", "select_metric")
 STORAGE_FILE = "optuna.db"
+SEARCH_KEY = "hydra.sweeper.search"  # the search, as a value for the Optuna sweeper (conf/hydra/sweeper/optuna.yaml)
 
 
 # ------------------------------------------------------------------------------------------- search space
@@ -307,6 +315,21 @@ class SearchPlan:
     def direction(self) -> str:
         return "minimize" if lower_is_better(self.metric) else "maximize"
 
+    def to_value(self) -> dict[str, Any]:
+        """The plan as plain data (JSON), for the sweeper that runs it."""
+        return {"args": self.args, "typed": self.typed, "fixed": self.fixed, "settings": asdict(self.settings),
+                "space": [{"key": p.key, "typed": p.typed, "group": p.group, "distribution": distribution_to_json(p.distribution)}
+                          for p in self.space],
+                "base": OmegaConf.to_container(self.base, resolve=True, enum_to_str=True), "tracking_uri": self.tracking_uri,
+                "storage": self.storage, "study_name": self.study_name, "metric": self.metric, "counts": self.counts}
+
+    @classmethod
+    def from_value(cls, value: Mapping[str, Any]) -> SearchPlan:
+        space = [Param(p["key"], p["typed"], json_to_distribution(p["distribution"]), p["group"]) for p in value["space"]]
+        return cls(list(value["args"]), list(value["typed"]), space, list(value["fixed"]), Settings(**value["settings"]),
+                   OmegaConf.create(value["base"]), value["tracking_uri"], value["storage"], value["study_name"],
+                   value["metric"], dict(value["counts"]))
+
     @property
     def distributions(self) -> dict[str, BaseDistribution]:
         return {p.name: p.distribution for p in self.space}
@@ -459,12 +482,12 @@ class TrialJob(PlannedJob):
 
 
 class Search:
-    """A search under way: its study, parent run and trials, shared with the sweeper that asks and tells."""
+    """A search under way: its study, its sweep and parent run. The sweeper gets it as a value (`to_json`) and
+    keeps what happens to each trial in the study (user attributes), where the closing summary reads it."""
 
-    def __init__(self, plan: SearchPlan, study: optuna.Study, parent: ParentRun, experiment_id: str) -> None:
-        self.plan, self.study, self.parent, self.experiment_id = plan, study, parent, experiment_id
-        self.jobs: dict[int, TrialJob] = {}  # trial number -> its job, this command's trials
-        self.rejected: list[str] = []  # trials whose sampled config could not be composed, one line each
+    def __init__(self, plan: SearchPlan, study: optuna.Study, experiment_id: str, sweep_id: str, parent_run_id: str) -> None:
+        self.plan, self.study, self.experiment_id = plan, study, experiment_id
+        self.sweep_id, self.parent_run_id = sweep_id, parent_run_id
         # Trials this command may ask for: those missing when it started. A failed trial does not count
         # towards n_trials, but is not made up within the same command (a config that always fails
         # would loop); the next run of the command makes up for it.
@@ -495,17 +518,22 @@ class Search:
                        sampled=len(self.plan.space))
         for key, value in (("overrides", overrides), ("fingerprint", fp), ("model_name", job.model_name)):
             trial.set_user_attr(key, value)
-        self.jobs[trial.number] = job
         return job
 
-    def env(self, trial: optuna.Trial) -> list[str]:
-        """The trial, for the job's pruner: hydra.job.env_set entries."""
-        env = {STUDY_ENV: self.plan.study_name, STORAGE_ENV: self.plan.storage, TRIAL_ENV: str(trial._trial_id),
-               PRUNER_ENV: self.plan.settings.pruner_spec()}
-        return [f"++hydra.job.env_set.{key}={ov.quote(value)}" for key, value in env.items()]
-
     def launch_overrides(self, job: PlannedJob, trial: optuna.Trial) -> list[str]:
-        return job.overrides + decision(job, self.experiment_id, self.parent.sweep_id, self.parent.run_id) + self.env(trial)
+        """The trial's job as the launcher gets it: its overrides and its decision, with the trial it reports to."""
+        trial_ref = TrialRef(self.plan.study_name, self.plan.storage, trial._trial_id, self.plan.settings.pruner_spec())
+        return [*job.overrides, decision(job, self.experiment_id, self.sweep_id, self.parent_run_id, trial_ref).override()]
+
+    def to_json(self) -> str:
+        return json.dumps({"plan": self.plan.to_value(), "experiment_id": self.experiment_id, "sweep_id": self.sweep_id,
+                           "parent_run_id": self.parent_run_id})
+
+    @classmethod
+    def from_json(cls, text: str) -> Search:
+        value = json.loads(text)
+        plan = SearchPlan.from_value(value["plan"])
+        return cls(plan, open_study(plan), value["experiment_id"], value["sweep_id"], value["parent_run_id"])
 
     def runs_by_fingerprint(self) -> dict[str, list[Run]]:
         return self.store.runs_by_fingerprint(self.experiment_id)
@@ -545,34 +573,22 @@ class Search:
 
     def summary_plan(self, before: set[int]) -> Plan:
         """The study's trials as a sweep plan: finished before this command (shown SKIPPED) and this command's."""
-        runs = {r.info.run_id: r for r in self.store.search(self.experiment_id, f"tags.{names.SWEEP_TAG} = '{self.parent.sweep_id}'")}
+        runs = {r.info.run_id: r for r in self.store.search(self.experiment_id, f"tags.{names.SWEEP_TAG} = '{self.sweep_id}'")}
         jobs = []
         for trial in self.study.get_trials(deepcopy=False):
-            attrs = trial.user_attrs
-            if trial.number in self.jobs:
-                job = self.jobs[trial.number]
-                if attrs.get("told_from_store") and attrs.get("mlflow_run_id"):
-                    job.done = job.done or runs.get(attrs["mlflow_run_id"]) or self.store.client.get_run(attrs["mlflow_run_id"])
-                jobs.append(job)
-            elif trial.number in before and trial.state in counted_states() and "fingerprint" in attrs:
-                run_id = attrs.get("mlflow_run_id")
-                done = runs.get(run_id) if run_id else None
-                if done is None and run_id:
-                    done = self.store.client.get_run(run_id)
-                jobs.append(TrialJob(trial.number, list(attrs["overrides"]), self.plan.base, attrs["fingerprint"],
-                                     attrs["model_name"], self.plan.tracking_uri, done, None, sampled=len(self.plan.space)))
-        jobs.sort(key=lambda job: job.index)
+            attrs, earlier = trial.user_attrs, trial.number in before
+            if "fingerprint" not in attrs or (earlier and trial.state not in counted_states()):
+                continue  # a trial whose config was refused, or an earlier command's failed one
+            run_id = attrs.get("mlflow_run_id") if earlier or attrs.get("told_from_store") else None
+            done = (runs.get(run_id) or self.store.client.get_run(run_id)) if run_id else None
+            jobs.append(TrialJob(trial.number, list(attrs["overrides"]), self.plan.base, attrs["fingerprint"],
+                                 attrs["model_name"], self.plan.tracking_uri, done, None, sampled=len(self.plan.space)))
         return Plan(self.plan.args, self.plan.typed, True, jobs)
 
-
-_active: Search | None = None
-
-
-def active() -> Search:
-    """The search under way in this process (for the Optuna sweeper)."""
-    if _active is None:
-        raise RuntimeError("hydra/sweeper=optuna runs a fashioncnn search: run it with python -m fashioncnn -m hydra/sweeper=optuna ...")
-    return _active
+    def rejected(self, before: set[int]) -> list[str]:
+        """This command's trials whose sampled config could not be composed, one line each."""
+        return [f"trial #{trial.number}: not run: {trial.user_attrs['rejected']}" for trial in self.study.get_trials(deepcopy=False)
+                if trial.number not in before and "rejected" in trial.user_attrs]
 
 
 def counted_states() -> tuple:
@@ -633,58 +649,58 @@ def mark_owner(trial: optuna.Trial) -> None:
     trial.set_user_attr("sweeper_pid", os.getpid())
 
 
+def open_study(plan: SearchPlan) -> optuna.Study:
+    """The plan's study, created on first use; its sampler's seed moved on by the trials it had when planned."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.create_study(
+            study_name=plan.study_name, storage=open_storage(plan.storage), direction=plan.direction,
+            sampler=_sampler(plan.settings, plan.space, sum(plan.counts.values())),
+            pruner=make_optuna_pruner(plan.settings.pruner_spec()), load_if_exists=True)
+    except Exception as error:
+        raise ConfigError(f"Optuna storage {mask_secrets(plan.storage)} cannot be used: {str(error).splitlines()[0]}") from error
+
+
 def run(search_plan: SearchPlan) -> int:
     """Run the search to n_trials; returns the exit code as launch.run does."""
-    global _active
     from fashioncnn.job.signals import handle_sigterm
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = stores.store(search_plan.tracking_uri)
     try:
         experiment_id = store.experiment_id(search_plan.base.experiment, create=True)
     except Exception as error:
         raise store_error(search_plan.tracking_uri, search_plan.base.experiment, error) from error
     assert experiment_id is not None
-    try:
-        study = optuna.create_study(
-            study_name=search_plan.study_name, storage=open_storage(search_plan.storage), direction=search_plan.direction,
-            sampler=_sampler(search_plan.settings, search_plan.space, sum(search_plan.counts.values())),
-            pruner=make_optuna_pruner(search_plan.settings.pruner_spec()), load_if_exists=True)
-    except Exception as error:
-        raise ConfigError(f"Optuna storage {mask_secrets(search_plan.storage)} cannot be used: {str(error).splitlines()[0]}") from error
+    study = open_study(search_plan)
     study.set_user_attr("command", mask_secrets(" ".join(search_plan.typed)))
     recovered = _recover_interrupted(study)
     before = {t.number for t in study.get_trials(deepcopy=False)}
     handle_sigterm()
-    summary_plan = Plan(search_plan.args, search_plan.typed, True, [])
-    parent = ParentRun(summary_plan, store, experiment_id, sweep_fingerprint=search_plan.study_name,
-                             params={p.name: p.typed.split("=", 1)[1] for p in search_plan.space},
-                             jobs=search_plan.settings.n_trials)
-    parent.store.client.set_tag(parent.run_id, "optuna.study", search_plan.study_name)
-    _active = Search(search_plan, study, parent, experiment_id)
+    parent = ParentRun(Plan(search_plan.args, search_plan.typed, True, []), store, experiment_id,
+                       sweep_fingerprint=search_plan.study_name, jobs=search_plan.settings.n_trials,
+                       params={p.name: p.typed.split("=", 1)[1] for p in search_plan.space})
+    parent.store.client.set_tag(parent.run_id, names.STUDY_TAG, search_plan.study_name)
+    search = Search(search_plan, study, experiment_id, parent.sweep_id, parent.run_id)
     done = len(study.get_trials(deepcopy=False, states=counted_states()))
     print(f"search {parent.sweep_id}: study {search_plan.study_name}, {done} of {search_plan.target()} trials already done"
           + (f", {recovered} interrupted trial(s) queued again" if recovered else "")
           + (" (re-attached to its parent run)" if parent.reattached else ""), flush=True)
     interrupted = None
     try:
-        run_hydra(search_plan.args)
+        run_hydra([*search_plan.args, f"{SEARCH_KEY}={ov.quote(search.to_json())}"])
     except KeyboardInterrupt as stop:
         interrupted = stop
         parent.kill_unfinished_jobs()
     except SystemExit:
         pass
-    finally:
-        search, _active = _active, None
-    for line in search.rejected:
+    rejected = search.rejected(before)
+    for line in rejected:
         print(line, flush=True)
-    result_plan = search.summary_plan(before)
-    best = _best_line(study)
-    code = close_sweep(result_plan, parent, {(search_plan.tracking_uri, search_plan.base.experiment): experiment_id},
-                             interrupted, search_plan.tracking_uri, search_plan.metric)
-    if best:
+    code = close_sweep(search.summary_plan(before), parent, {(search_plan.tracking_uri, search_plan.base.experiment): experiment_id},
+                       interrupted, search_plan.tracking_uri, search_plan.metric)
+    if best := _best_line(study):
         print(best, flush=True)
-    return 1 if code == 0 and search.rejected else code
+    return 1 if code == 0 and rejected else code
 
 
 def _best_line(study: optuna.Study) -> str:

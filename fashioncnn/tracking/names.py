@@ -1,5 +1,5 @@
 """Every name that ties runs together: the MLflow tags fashioncnn writes and reads, and the environment
-variables that carry a plan's decision to its jobs. One place, so that a writer and its readers never
+variable that carries a plan's decision to its job. One place, so that a writer and its readers never
 spell a name two ways.
 """
 
@@ -29,14 +29,5 @@ HOLDER_TAG = "lease.holder"  # host, PID and the process's start time: a holder 
 STUDY_TAG = "optuna.study"
 TRIAL_TAG = "optuna.trial"
 
-# A job's decision, handed to it by the sweep's plan through hydra.job.env_set (fashioncnn.sweep).
-SWEEP_ID_ENV = "FASHIONCNN_SWEEP_ID"
-PARENT_RUN_ENV = "FASHIONCNN_PARENT_RUN_ID"
-EXPERIMENT_ID_ENV = "FASHIONCNN_EXPERIMENT_ID"
-RESUME_RUN_ENV = "FASHIONCNN_RESUME_RUN_ID"
-FINGERPRINT_ENV = "FASHIONCNN_FINGERPRINT"
-# The Optuna trial a job belongs to (hydra/sweeper=optuna).
-STUDY_ENV = "FASHIONCNN_OPTUNA_STUDY"
-STORAGE_ENV = "FASHIONCNN_OPTUNA_STORAGE"
-TRIAL_ENV = "FASHIONCNN_OPTUNA_TRIAL_ID"
-PRUNER_ENV = "FASHIONCNN_OPTUNA_PRUNER"
+# A job's decision (fashioncnn.job.decision), handed to it in its Hydra config as hydra.job.env_set's key.
+DECISION_ENV = "FASHIONCNN_DECISION"

@@ -1,8 +1,8 @@
 """What a job's run records: its epochs, its verdict, where it ran, its data, its failure.
 
-A job's metrics and tags go through `deliver_through`'s queue (fashioncnn.tracking.delivery) so that a
-tracking-server outage does not stop training; without a queue they go straight to the active run.
-Kept free of torch at import, so reports and the command line start quickly.
+The functions here say what is recorded; the job's run (fashioncnn.job.tracked_run) sends it, through
+its delivery queue, so that a tracking-server outage does not stop training. Kept free of torch at
+import, so reports and the command line start quickly.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from fashioncnn.tracking.secrets import mask_secrets
 if TYPE_CHECKING:  # the training loop's types only: importing torch here would slow every report
     from fashioncnn.core.data import FashionMNIST
     from fashioncnn.core.loop import EpochMetrics, TrainResult
-    from fashioncnn.tracking.delivery import Delivery
 
 
 log = logging.getLogger(__name__)
@@ -41,29 +40,6 @@ def flatten(node: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, An
             yield from flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
-
-_delivery: Delivery | None = None  # the active run's queue (job.py), else the fluent API logs directly
-
-
-def deliver_through(delivery: Delivery | None) -> None:
-    """Send the active run's metrics and tags through `delivery` (None: straight to the store)."""
-    global _delivery
-    _delivery = delivery
-
-
-def log_metrics(values: Mapping[str, float], step: int | None = None) -> None:
-    if _delivery is not None:
-        _delivery.log(metrics=values, step=step or 0)
-    else:
-        mlflow.log_metrics(dict(values), step=step)
-
-
-def set_tags(tags: Mapping[str, str]) -> None:
-    if _delivery is not None:
-        _delivery.log(tags=tags)
-    else:
-        mlflow.set_tags(dict(tags))
-
 
 def epochs_reached(run: Run, history: Mapping[int, float]) -> dict[int, float]:
     """`history` (a metric of `run` per epoch) without the epoch the divergence guard cut short.
@@ -80,14 +56,14 @@ def logged_steps(client: MlflowClient, run_id: str) -> set[int]:
     return {metric.step for metric in client.get_metric_history(run_id, "test_acc")}
 
 
-def record_failure(error: BaseException) -> None:
-    """The error message as a tag and the traceback as an artifact of the active run."""
+def failure(error: BaseException) -> tuple[str, str]:
+    """The error message (for the run's `error` tag) and its traceback (the artifact error.txt)."""
     message = mask_secrets(f"{type(error).__name__}: {error}")
-    mlflow.set_tag("error", message[:5000])
-    mlflow.log_text(mask_secrets("".join(traceback.format_exception(error))), "error.txt")
+    return message[:5000], mask_secrets("".join(traceback.format_exception(error)))
 
 
-def log_epoch(metrics: EpochMetrics) -> None:
+def epoch_values(metrics: EpochMetrics) -> dict[str, float]:
+    """One epoch's metrics, logged at step = the epoch."""
     values = {
         "train_loss": metrics.train_loss,
         "train_acc": metrics.train_acc,
@@ -99,10 +75,10 @@ def log_epoch(metrics: EpochMetrics) -> None:
         values |= {"val_loss": metrics.val_loss, "val_acc": metrics.val_acc}
     if metrics.lr is not None:
         values["lr"] = metrics.lr
-    log_metrics(values, step=metrics.epoch)
+    return values
 
 
-def log_summary(result: TrainResult) -> None:
+def summary_values(result: TrainResult) -> dict[str, float]:
     """The run's verdict: its best epoch by the selection metric, what the test set says there, the study's figures."""
     best = result.best
     values = {
@@ -116,10 +92,10 @@ def log_summary(result: TrainResult) -> None:
         values[ranking_metric(result.select_metric)] = getattr(best, result.select_metric)
     if result.seconds_to_90 is not None:  # time-to-accuracy, as speedrun records compare
         values["seconds_to_90"] = result.seconds_to_90
-    log_metrics(values)
+    return values
 
 
-def log_where_it_ran(device: Any, threads: int, precision: str) -> None:
+def where_it_ran(device: Any, threads: int, precision: str) -> dict[str, str]:
     """What actually ran: the device (not `auto`), its name, torch, threads and the precision used."""
     import platform
 
@@ -130,8 +106,8 @@ def log_where_it_ran(device: Any, threads: int, precision: str) -> None:
     else:
         name = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")),
                     platform.processor() or platform.machine())
-    set_tags({"ran.device": str(device), "ran.device_name": name, "ran.torch": torch.__version__,
-                     "ran.threads": str(threads), "ran.precision": precision})
+    return {"ran.device": str(device), "ran.device_name": name, "ran.torch": torch.__version__,
+            "ran.threads": str(threads), "ran.precision": precision}
 
 
 def _cpuinfo_lines() -> list[str]:
