@@ -15,3 +15,32 @@ def test_every_import_contract_is_kept():
                              "sys.exit(lint_imports_command())"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert linted.returncode == 0, linted.stdout + linted.stderr
     assert "BROKEN" not in linted.stdout and linted.stdout.count("KEPT") >= 3, linted.stdout
+
+
+def test_no_function_of_the_package_is_over_60_lines():
+    import ast
+
+    long = []
+    for path in sorted((REPO / "fashioncnn").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+
+
+def test_the_console_script_runs_the_sweep_and_every_companion_command(tmp_path):
+    script = Path(sys.executable).parent / "fashioncnn"
+    shown = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "== Configuration groups ==" in shown.stdout, shown.stderr
+    refused = subprocess.run([str(script), "conv=7"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: conv=7: no option '7' in config group 'conv'")
+    from fashioncnn.cli import COMMANDS
+
+    for command in COMMANDS:
+        helped = subprocess.run([str(script), command, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert helped.returncode == 0 and "usage:" in helped.stdout, (command, helped.stdout, helped.stderr)
+    described = subprocess.run([str(script), "model", "M2.3.32.64"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert described.returncode == 0 and "total parameters:" in described.stdout, described.stderr
+    # The companion commands' python -m doors answer as before.
+    door = subprocess.run([sys.executable, "-m", "fashioncnn.model", "M2.3.32.64"], cwd=tmp_path, capture_output=True, text=True)
+    assert door.returncode == 0 and door.stdout == described.stdout

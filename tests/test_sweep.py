@@ -1,11 +1,13 @@
 """Real `python -m fashioncnn` invocations in a subprocess, on real Fashion-MNIST subsets, into a real MLflow store."""
 
 import pytest
+import torch
 import yaml
 from conftest import local_store, run_cli, runs_of
 from mlflow.tracking import MlflowClient
 
 from fashioncnn.core.data import DEBIAN_DIR
+from fashioncnn.core.machine import precision_used
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")]
 
@@ -40,7 +42,7 @@ def test_multirun_logs_every_combination_with_config_curves_and_tags(tmp_path):
         assert val_acc[best_epoch - 1] == max(val_acc) == pytest.approx(run.data.metrics["best_val_acc"])
         assert run.data.metrics["test_acc_at_best"] == pytest.approx(test_acc[best_epoch - 1])
         # What ran where, the data it saw, and its model.
-        assert run.data.tags["ran.device"] == "cpu" and run.data.tags["ran.precision"] == "fp32"
+        assert run.data.tags["ran.device"] == "cpu" and run.data.tags["ran.precision"] == precision_used("auto", torch.device("cpu"))
         assert run.data.tags["ran.torch"].startswith("2.") and int(run.data.tags["ran.threads"]) >= 1 and run.data.tags["ran.device_name"]
         inputs = {i.dataset.name: {t.key: t.value for t in i.tags} for i in run.inputs.dataset_inputs}
         assert inputs["fashion-mnist-train"]["mlflow.data.context"] == "train" and inputs["fashion-mnist-train"]["subset"] == "256"
@@ -55,6 +57,9 @@ def test_multirun_logs_every_combination_with_config_curves_and_tags(tmp_path):
         assert config["model"] == {"conv": int(conv), "lin": int(lin), "filter_in": 32, "filter_out": 32, "kernel_size": 3,
                                    "norm": "none", "dropout": 0.0}
     assert "M3.3.32.32: best epoch" in result.stdout  # progress and results are visible in the terminal
+    launched = [line for line in result.stdout.splitlines() if " : conv=" in line]
+    assert len(launched) == 4 and all(line.endswith("subset=256 epochs=2 experiment=sweep-test") for line in launched), launched
+    assert "FASHIONCNN" not in result.stdout and "env_set" not in result.stdout and "hydra.sweeper" not in result.stdout
     assert "epoch 2/2" in result.stdout
 
     # The parent run is the sweep's front page.

@@ -437,16 +437,8 @@ def build(sources: Sequence[str], output_dir: Path | None = None, metric_name: s
     uri = tracking_uri(uri)
     client = MlflowClient(uri)
     selections = [select(client, source) for source in sources]
-    runs = list({r.info.run_id: r for s in selections for r in s.runs}.values())
     where = ", ".join(s.description for s in selections)
-    if not runs:
-        raise ResultsError(f"{where}: no runs (an empty sweep)")
-    parsed = [parse_filter(f) for f in filters]
-    wanted = {s.strip().upper() for text in statuses for s in text.split(",") if s.strip()}
-    rows = [r for r in load_rows(client, runs) if keep(r, parsed, wanted)]
-    if not rows:
-        raise ResultsError(f"{where}: none of its {len(runs)} runs match the filters "
-                           f"{' '.join([*filters, *(f'--status {s}' for s in statuses)])}")
+    rows = _selected_rows(client, selections, where, filters, statuses)
     metric_name = resolve_metric([r.run for r in rows if r.run.info.status == "FINISHED"] or [r.run for r in rows], metric_name)
     check_metric([r.run for r in rows], metric_name, where)
 
@@ -467,33 +459,57 @@ def build(sources: Sequence[str], output_dir: Path | None = None, metric_name: s
     for group, members in sorted(groups.items(), key=lambda item: _group_order(item[0])):
         ranked = rank_rows(members, metric_name, lowest_first)
         sections.append((group, ranked))
-        suffix = f"-{_slug(group)}" if group_by else ""
-        acc_png, loss_png = output_dir / f"test_acc{suffix}.png", output_dir / f"loss{suffix}.png"
-        plot_curves(ranked, metric_name, f"{title}, {group}" if group else title, acc_png, loss_png)
-        files += [acc_png, loss_png]
-        lines += ["", f"## {group}" if group else "## Runs", "", runs_table(ranked, metric_name, links.ui_base_for(uri)), "",
-                  f"![Test accuracy per epoch]({acc_png.name})", "", f"![Train and test loss per epoch]({loss_png.name})"]
-        summaries = by_config(ranked, metric_name)
-        if summaries:
-            lines += ["", f"### Mean and standard deviation over seeds{f' ({group})' if group else ''}", "",
-                      "Finished runs that differ only in `seed`; ± is the sample standard deviation.", "",
-                      summary_table(summaries, metric_name), "", noise_line(summaries, metric_name)]
-            summary_rows += [(group, s) for s in summaries]
+        files += _group_section(lines, summary_rows, group, ranked, metric_name, output_dir, title, group_by, uri)
     markdown = "\n".join(lines) + "\n"
     (output_dir / "report.md").write_text(markdown)
     _write_runs_csv(output_dir / "runs.csv", sections, metric_name)
     if summary_rows:
         files.append(output_dir / "by_config.csv")
         _write_summary_csv(output_dir / "by_config.csv", summary_rows, metric_name)
+    parent_id = _attach(client, selections, rows, output_dir, bool(filters or statuses or group_by)) if attach else None
+    return Report(output_dir, files, sections, markdown, parent_id)
 
+
+def _selected_rows(client: Any, selections: list[Any], where: str, filters: Sequence[str], statuses: Sequence[str]) -> list[Row]:
+    """The rows of the selected runs that pass the filters (ResultsError when none do)."""
+    runs = list({r.info.run_id: r for s in selections for r in s.runs}.values())
+    if not runs:
+        raise ResultsError(f"{where}: no runs (an empty sweep)")
+    parsed = [parse_filter(f) for f in filters]
+    wanted = {s.strip().upper() for text in statuses for s in text.split(",") if s.strip()}
+    rows = [r for r in load_rows(client, runs) if keep(r, parsed, wanted)]
+    if not rows:
+        raise ResultsError(f"{where}: none of its {len(runs)} runs match the filters "
+                           f"{' '.join([*filters, *(f'--status {s}' for s in statuses)])}")
+    return rows
+
+
+def _group_section(lines: list[str], summary_rows: list[tuple[str, ConfigSummary]], group: str, ranked: list[Row],
+                   metric_name: str, output_dir: Path, title: str, group_by: str | None, uri: str) -> list[Path]:
+    """One group's table, curves and seed summary, added to `lines` and `summary_rows`; returns the figures' files."""
+    suffix = f"-{_slug(group)}" if group_by else ""
+    acc_png, loss_png = output_dir / f"test_acc{suffix}.png", output_dir / f"loss{suffix}.png"
+    plot_curves(ranked, metric_name, f"{title}, {group}" if group else title, acc_png, loss_png)
+    lines += ["", f"## {group}" if group else "## Runs", "", runs_table(ranked, metric_name, links.ui_base_for(uri)), "",
+              f"![Test accuracy per epoch]({acc_png.name})", "", f"![Train and test loss per epoch]({loss_png.name})"]
+    summaries = by_config(ranked, metric_name)
+    if summaries:
+        lines += ["", f"### Mean and standard deviation over seeds{f' ({group})' if group else ''}", "",
+                  "Finished runs that differ only in `seed`; ± is the sample standard deviation.", "",
+                  summary_table(summaries, metric_name), "", noise_line(summaries, metric_name)]
+        summary_rows += [(group, s) for s in summaries]
+    return [acc_png, loss_png]
+
+
+def _attach(client: Any, selections: list[Any], rows: list[Row], output_dir: Path, narrowed: bool) -> str | None:
+    """The report as artifacts of the sweep's parent run, when the rows are of one sweep that has one; its id."""
     parents = {pid: p for s in selections for pid, p in s.parents.items()}
     sweeps_of_rows = {r.tags.get(SWEEP_TAG) or r.tags.get(PARENT_TAG) for r in rows}
-    parent_id = None
-    if attach and len(parents) == 1 and len(sweeps_of_rows) == 1:
-        parent_id = next(iter(parents))
-        artifact_path = "report" if not (filters or statuses or group_by) else f"report/{output_dir.name}"
-        client.log_artifacts(parent_id, str(output_dir), artifact_path)
-    return Report(output_dir, files, sections, markdown, parent_id)
+    if len(parents) != 1 or len(sweeps_of_rows) != 1:
+        return None
+    parent_id = next(iter(parents))
+    client.log_artifacts(parent_id, str(output_dir), f"report/{output_dir.name}" if narrowed else "report")
+    return parent_id
 
 
 def _group_order(group: str) -> tuple:

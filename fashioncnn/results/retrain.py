@@ -136,7 +136,7 @@ class GroupChoices:
         return "\n".join(lines if choices else lines[:-1]) + "\n" + OmegaConf.to_yaml(OmegaConf.create(_nest(body)))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fashioncnn.retrain",
         description="Retrain the top-k finished runs of a sweep, each with its exact config plus new overrides, as one sweep.")
@@ -148,7 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="best is the highest (max) or lowest (min) value; auto: lowest for *loss and *seconds")
     parser.add_argument("--tracking-uri", help="MLflow store to read and write (default: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)")
     parser.add_argument("--dry-run", action="store_true", help="show the picks, their configs and the command; train nothing")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(argv)
     lowest_first = {"auto": None, "max": False, "min": True}[args.order]
     try:
         from mlflow.tracking import MlflowClient
@@ -177,27 +181,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not any(o.lstrip("+~").split("=", 1)[0] == "experiment" for o in args.overrides):
                 command.append(f"experiment={experiment}-retrain")
             command += args.overrides
-            order = "lowest" if (lower_is_better(args.metric) if lowest_first is None else lowest_first) else "highest"
-            more = f" (only {len(candidates)} finished)" if args.top > len(candidates) else ""
-            print(f"Retraining the top {len(picked)}{more} of {len(candidates)} finished runs of {selection.description} "
-                  f"by {args.metric} ({order} first), store {mask(uri)}:")
-            scores = {configuration(c.runs[0]): c for c in rank_configurations(candidates, args.metric, lowest_first)}
-            for index, run in enumerate(picked, 1):
-                score = scores[configuration(run)]
-                value = f"mean {score.text()}" if score.n > 1 else f"{metric(run, args.metric):.4f}"
-                print(f"  {index}. {run.data.tags.get('model_name', run.info.run_name):<14} {args.metric}={value}  "
-                      f"run {run.info.run_id}  {run.data.tags.get('hydra.overrides', '')}")
+            _say_picks(args, picked, candidates, selection.description, uri, lowest_first)
             print("$ python " + " ".join(command[1:]).replace(str(Path(scratch).resolve()), "<the picked configs>"))
             if args.dry_run:
                 for run in picked:
                     print(f"--- {GROUP}/{run.info.run_id}.yaml\n{(folder / f'{run.info.run_id}.yaml').read_text()}", end="")
                 return 0
             sys.stdout.flush()
-            result = subprocess.run(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-            return result.returncode
+            return subprocess.run(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri}).returncode
     except ResultsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def _say_picks(args: argparse.Namespace, picked: list[Any], candidates: list[Any], where: str, uri: str,
+               lowest_first: bool | None) -> None:
+    """Which runs are retrained, ranked, with their metric (a configuration's mean over its seeds)."""
+    order = "lowest" if (lower_is_better(args.metric) if lowest_first is None else lowest_first) else "highest"
+    more = f" (only {len(candidates)} finished)" if args.top > len(candidates) else ""
+    print(f"Retraining the top {len(picked)}{more} of {len(candidates)} finished runs of {where} "
+          f"by {args.metric} ({order} first), store {mask(uri)}:")
+    scores = {configuration(c.runs[0]): c for c in rank_configurations(candidates, args.metric, lowest_first)}
+    for index, run in enumerate(picked, 1):
+        score = scores[configuration(run)]
+        value = f"mean {score.text()}" if score.n > 1 else f"{metric(run, args.metric):.4f}"
+        print(f"  {index}. {run.data.tags.get('model_name', run.info.run_name):<14} {args.metric}={value}  "
+              f"run {run.info.run_id}  {run.data.tags.get('hydra.overrides', '')}")
 
 
 if __name__ == "__main__":
