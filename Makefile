@@ -97,7 +97,7 @@ test: $(STAMP) data postgres chromium slurm-packages
 test-quick: $(STAMP) data
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# Prints the runs table of the latest sweep's experiment, in the UI's model-training view (fashioncnn/links.py).
+# Prints the runs table of the latest sweep's experiment, in the UI's model-training view (fashioncnn/tracking/links.py).
 ui: $(STAMP)
 	@mkdir -p $(STORE)
 	@url=$$($(BIN)/python -m fashioncnn.links --tracking-uri sqlite:///$(abspath $(STORE))/mlflow.db --base http://$(HOST):$(PORT)) && \

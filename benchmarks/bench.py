@@ -363,7 +363,7 @@ def bench_model(name: str, args, data: FashionMNIST, root: Path, device: torch.d
             raise EnoughRounds
         package_started[0], package_faults[0] = cpu_snapshot(), page_faults()
 
-    if cfg.speed.threads:  # as fashioncnn/job.py does before train()
+    if cfg.speed.threads:  # as fashioncnn/job/run.py does before train()
         torch.set_num_threads(cfg.speed.threads)
     started = time.perf_counter()
     package_started[0], package_faults[0] = cpu_snapshot(), page_faults()

@@ -38,7 +38,7 @@ def worker(model_name: str, overrides: list[str], steps: int, rounds: int, data_
     data = chunk_of(load(data_dir), steps)
     torch.manual_seed(cfg.seed)
     model = build_model(spec)
-    if cfg.speed.threads:  # as fashioncnn/job.py does before train()
+    if cfg.speed.threads:  # as fashioncnn/job/run.py does before train()
         torch.set_num_threads(cfg.speed.threads)
 
     snapshot = [None]

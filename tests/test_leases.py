@@ -70,7 +70,7 @@ def test_the_issues_lr_1e6_run_is_stopped_as_diverged():
     torch.manual_seed(cfg.seed)
     result = train(cfg, build_model(ModelSpec.from_config(cfg.model)), tiny_data(), CPU)
     assert result.diverged and "above divergence.max_loss=100" in result.diverged, result.diverged  # finite (2.5e28), above chance
-    assert len(result.history) == 1 and result.history[0].cut_short  # not shown to the pruners (job.py)
+    assert len(result.history) == 1 and result.history[0].cut_short  # not shown to the pruners (fashioncnn.job.run)
 
 
 def test_a_dataset_insert_lost_to_a_concurrent_job_is_retried_and_other_errors_are_not(monkeypatch):

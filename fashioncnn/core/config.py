@@ -131,7 +131,7 @@ class PruneRule(Enum):
 
 @dataclass
 class PruneConfig:
-    """Stopping hopeless runs of a sweep early, from the siblings' per-epoch metrics in the store (prune.py).
+    """Stopping hopeless runs of a sweep early, from the siblings' per-epoch metrics in the store (fashioncnn.job.pruning).
 
     Not part of a run's fingerprint: pruning decides how far a run goes, not what it learns, so a pruned
     run is found (and skipped) on a re-run, and a run trained fully under prune=none is the same run.

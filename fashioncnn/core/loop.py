@@ -64,7 +64,7 @@ class EpochMetrics:
 class TrainResult:
     history: list[EpochMetrics] = field(default_factory=list)
     diverged: str | None = None  # why the divergence guard stopped the run, if it did
-    pruned: str | None = None  # why a pruner stopped the run after an epoch, if one did (prune.py)
+    pruned: str | None = None  # why a pruner stopped the run after an epoch, if one did (fashioncnn.job.pruning)
     resumed_after_epoch: int = 0  # epochs restored from a checkpoint
     select_metric: str = "val_acc"
     best_epoch: int = 0  # the epoch `select_metric` picks (1-based)

@@ -1,6 +1,6 @@
 """Stopping hopeless runs early: after each epoch a pruner says go on (None) or stop (the reason).
 
-A pruned run ends FINISHED with `pruned=true` and its reason as tags (job.py); it counts as done on a
+A pruned run ends FINISHED with `pruned=true` and its reason as tags (fashioncnn.job.tracked_run); it counts as done on a
 re-run and is never picked by retrain or the registry (results.selectable).
 
 The pruners compare a run with its siblings: the other runs of the same sweep (the `sweep_id` tag, in
@@ -113,7 +113,7 @@ class Siblings:
 
     def histories_at(self, epoch: int) -> list[dict[int, float]]:
         """The histories of the siblings that reached `epoch` (one per configuration: its newest run)."""
-        found = self.store.search(self.experiment_id, f"tags.{names.SWEEP_TAG} = '{self.sweep_id}'")
+        found = self.store.find_runs(self.experiment_id, f"tags.{names.SWEEP_TAG} = '{self.sweep_id}'")
         newest: dict[str, Run] = {}
         for run in found:  # newest first
             tags = run.data.tags

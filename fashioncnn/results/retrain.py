@@ -3,7 +3,7 @@
     python -m fashioncnn.retrain study-step3-channels --top 4 epochs=30 experiment=study-step3-retrain30
     python -m fashioncnn.retrain <sweep id | parent run id> --metric mean_test_acc --top 2 lr=0.005,0.0005
 
-SOURCE is an experiment name, a sweep id or a sweep's parent run id (see results.py). The top --top
+SOURCE is an experiment name, a sweep id or a sweep's parent run id (see fashioncnn.tracking.queries). The top --top
 FINISHED runs by --metric (not those tagged diverged=true) are retrained as ONE sweep,
 `python -m fashioncnn -m ...`, with each run's exact config and the OVERRIDES on top (a sweep in
 the overrides multiplies: every pick with every value).

@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 from torch import nn
 
-# Both torch and mlflow at the top: fashioncnn.data/model import torch and results.py imports mlflow,
+# Both torch and mlflow at the top: fashioncnn.core.data and .model use torch and fashioncnn.tracking.queries imports mlflow,
 # so importing them later would save nothing. register.py imports this module only once it needs it.
 from fashioncnn.core.data import MEAN, STD
 from fashioncnn.core.model import IMAGE_SIZE, NUM_CLASSES

@@ -3,10 +3,10 @@
     python -m fashioncnn.register fashioncnn                      # the best run of the experiment
     python -m fashioncnn.register <sweep id | parent run id> --name fashion-classifier --metric mean_test_acc
 
-SOURCE is an experiment name, a sweep id or a (parent) run id, as for fashioncnn.results.report (results.py).
+SOURCE is an experiment name, a sweep id or a (parent) run id, as for fashioncnn.results.report (fashioncnn.tracking.queries).
 Candidates are its FINISHED job runs that neither diverged (`diverged=true`) nor were pruned
 (`pruned=true`) and have the metric; the best by --metric (highest first; losses and times lowest
-first) has its logged model (serving.py) registered as a new version of NAME (default: the run's
+first) has its logged model (fashioncnn.serving.flavor) registered as a new version of NAME (default: the run's
 experiment), which gets the alias `champion` and the tags sweep_id, source_run_id, model_name,
 metric and metric_value. Load it with `mlflow.pyfunc.load_model("models:/NAME@champion")` or
 `python -m fashioncnn.predict models:/NAME@champion image.png`.

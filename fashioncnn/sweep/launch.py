@@ -5,7 +5,7 @@ jobs still to do (hydra_plugins/fashioncnn_plugins/plan_sweeper.py, given them a
 its decision (fashioncnn.job.decision), so a job in any process or on any machine acts on it without
 looking again.
 `close_sweep()` writes the closing summary, read back from the store whoever ran the jobs, on the parent
-run and in the terminal, and gives the exit code. A sampled search (search.py) closes the same way.
+run and in the terminal, and gives the exit code. A sampled search (fashioncnn.sweep.search) closes the same way.
 """
 
 from __future__ import annotations

@@ -24,12 +24,12 @@ class ParentRun:
 
     def __init__(self, plan: Plan, store: stores.Store, experiment_id: str, sweep_fingerprint: str | None = None,
                  params: Mapping[str, str] | None = None, jobs: int | None = None) -> None:
-        # A sampled search (search.py) names itself by its study, its params by its space, its jobs by n_trials.
+        # A sampled search (fashioncnn.sweep.search) names itself by its study, its params by its space, its jobs by n_trials.
         self.store, self.experiment_id = store, experiment_id
         self.sweep_fingerprint = sweep_fingerprint or hashlib.sha256(
             json.dumps(sorted(job.fingerprint for job in plan.jobs)).encode()
         ).hexdigest()[:16]
-        earlier = store.search(experiment_id, f"tags.`{names.ROLE_TAG}` = 'parent' and "
+        earlier = store.find_runs(experiment_id, f"tags.`{names.ROLE_TAG}` = 'parent' and "
                                               f"tags.sweep_fingerprint = '{self.sweep_fingerprint}'")
         if earlier:
             self.run_id = earlier[0].info.run_id
@@ -84,7 +84,7 @@ class ParentRun:
 
     def kill_unfinished_jobs(self) -> None:
         """After an interrupt: runs that the launcher's workers left RUNNING are KILLED, not RUNNING forever."""
-        for run in self.store.search(self.experiment_id, f"tags.{names.SWEEP_TAG} = '{self.sweep_id}' and attributes.status = 'RUNNING'"):
+        for run in self.store.find_runs(self.experiment_id, f"tags.{names.SWEEP_TAG} = '{self.sweep_id}' and attributes.status = 'RUNNING'"):
             if lease.held_elsewhere(run, float("inf")) and run.data.tags.get(lease.OWNER_TAG) != lease.PROCESS_OWNER:
                 continue  # another command's (or a worker's) run, its heartbeat says when it is gone
             if run.info.run_id != self.run_id:

@@ -573,7 +573,7 @@ class Search:
 
     def summary_plan(self, before: set[int]) -> Plan:
         """The study's trials as a sweep plan: finished before this command (shown SKIPPED) and this command's."""
-        runs = {r.info.run_id: r for r in self.store.search(self.experiment_id, f"tags.{names.SWEEP_TAG} = '{self.sweep_id}'")}
+        runs = {r.info.run_id: r for r in self.store.find_runs(self.experiment_id, f"tags.{names.SWEEP_TAG} = '{self.sweep_id}'")}
         jobs = []
         for trial in self.study.get_trials(deepcopy=False):
             attrs, earlier = trial.user_attrs, trial.number in before

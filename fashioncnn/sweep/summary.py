@@ -84,7 +84,7 @@ def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str]
     for job in plan.jobs:
         key = (job.tracking_uri, job.cfg.experiment)
         if key not in ran:
-            found = stores.store(job.tracking_uri).search(experiment_ids[key], f"tags.{names.SWEEP_TAG} = '{sweep_id}'")
+            found = stores.store(job.tracking_uri).find_runs(experiment_ids[key], f"tags.{names.SWEEP_TAG} = '{sweep_id}'")
             ran[key] = {}
             for r in found:  # newest first: keep the newest run of each fingerprint
                 ran[key].setdefault(r.data.tags.get(names.FINGERPRINT_TAG, ""), r)
@@ -116,7 +116,7 @@ def summarize(plan: Plan, sweep_id: str, experiment_ids: Mapping[tuple[str, str]
 
 def _latest_elsewhere(job: PlannedJob, experiment_id: str) -> Run | None:
     """The newest run of the job's config, whichever command made it (None: none)."""
-    runs = stores.store(job.tracking_uri).search(experiment_id, f"tags.{names.FINGERPRINT_TAG} = '{job.fingerprint}'")
+    runs = stores.store(job.tracking_uri).find_runs(experiment_id, f"tags.{names.FINGERPRINT_TAG} = '{job.fingerprint}'")
     return runs[0] if runs else None
 
 

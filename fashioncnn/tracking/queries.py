@@ -42,7 +42,7 @@ def mask(uri: str) -> str:
 
 
 def tracking_uri(requested: str | None = None) -> str:
-    """--tracking-uri, then $MLFLOW_TRACKING_URI, then ./mlruns/mlflow.db (tracking.py's default store).
+    """--tracking-uri, then $MLFLOW_TRACKING_URI, then ./mlruns/mlflow.db (fashioncnn.tracking.stores' default store).
 
     A local sqlite store that does not exist is an error here: MLflow would create an empty one.
     """

@@ -116,7 +116,7 @@ class Store:
             self._experiment_ids[name] = found.experiment_id
         return self._experiment_ids[name]
 
-    def search(self, experiment_id: str, filter_string: str = "") -> list[Run]:
+    def find_runs(self, experiment_id: str, filter_string: str = "") -> list[Run]:
         """Every active run that matches, newest first, all pages."""
         from mlflow.entities import ViewType
 
@@ -132,7 +132,7 @@ class Store:
     def runs_by_fingerprint(self, experiment_id: str) -> dict[str, list[Run]]:
         """The experiment's job runs grouped by the fingerprint of their effective config, newest first."""
         grouped: dict[str, list[Run]] = {}
-        for run in self.search(experiment_id, f"tags.{FINGERPRINT_TAG} LIKE '%'"):
+        for run in self.find_runs(experiment_id, f"tags.{FINGERPRINT_TAG} LIKE '%'"):
             if FINGERPRINT_TAG in run.data.tags:
                 grouped.setdefault(run.data.tags[FINGERPRINT_TAG], []).append(run)
         return grouped
