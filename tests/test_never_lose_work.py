@@ -196,12 +196,12 @@ def test_a_job_fails_in_one_line_when_the_server_stays_away_and_keeps_its_checkp
 
 
 def test_a_fresh_sqlite_store_opened_by_two_processes_at_once(tmp_path):
-    """The sweep's store (tracking.store) and a plain MLflow client race to create the same new database."""
+    """The sweep's store (fashioncnn.tracking.stores.store) and a plain MLflow client race to create the same new database."""
     for attempt in range(3):  # without the fix, 3 races in 4 broke a store here
         uri = f"sqlite:///{tmp_path / f'race{attempt}.db'}"
         start = time.time() + 4  # both past their imports, then at the same instant
-        ours = (f"import time; from fashioncnn import tracking; time.sleep(max(0, {start} - time.time())); "
-                f"print(tracking.store({uri!r}).experiment_id('race', create=True))")
+        ours = (f"import time; from fashioncnn.tracking import stores; time.sleep(max(0, {start} - time.time())); "
+                f"print(stores.store({uri!r}).experiment_id('race', create=True))")
         plain = (f"import time; from mlflow.tracking import MlflowClient; time.sleep(max(0, {start} - time.time())); "
                  f"MlflowClient({uri!r}).search_experiments()")
         processes = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
