@@ -27,6 +27,7 @@ COMMANDS = {
     "python -m fashioncnn conv=7": [sys.executable, "-m", "fashioncnn", "conv=7"],
     "python -m fashioncnn model.conv=0": [sys.executable, "-m", "fashioncnn", "model.conv=0"],
     "fashioncnn --help": [SCRIPT, "--help"],
+    "fashioncnn TAB completion (fashioncnn con<TAB>)": ["env", "COMP_LINE=fashioncnn con", "COMP_POINT=14", SCRIPT, "-sc", "query=bash"],
     "fashioncnn -m conv=2,3 --dry-run (empty store)": [SCRIPT, "-m", "conv=2,3", "--dry-run"],
 }
 
