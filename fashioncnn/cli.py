@@ -38,11 +38,13 @@ def register_plugins() -> None:
     """fashioncnn's sweepers, for Hydra: an editable install hides them from Hydra's scan of hydra_plugins.
     Registering is idempotent."""
     from hydra.core.plugins import Plugins
+
+    plugins = Plugins.instance()  # Hydra's scan of hydra_plugins first: it loads each plugin module afresh
     from hydra_plugins.fashioncnn_plugins.optuna_sweeper import OptunaSweeper
     from hydra_plugins.fashioncnn_plugins.plan_sweeper import PlanSweeper
 
-    Plugins.instance().register(PlanSweeper)
-    Plugins.instance().register(OptunaSweeper)
+    plugins.register(PlanSweeper)
+    plugins.register(OptunaSweeper)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -17,7 +17,6 @@ from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 
@@ -27,6 +26,10 @@ def instantiate_launcher(hydra_context: HydraContext, task_function: TaskFunctio
     from hydra.core.plugins import Plugins
 
     launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context, task_function=task_function, config=config)
+    # Imported here, after Hydra's scan of hydra_plugins: the scan loads each plugin module afresh, and a class
+    # imported before it would be another class than the launcher's.
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+
     if isinstance(launcher, SlurmLauncher):
         from fashioncnn.sweep import slurm_states
 
