@@ -135,7 +135,7 @@ def test_label_smoothing_reaches_the_training_loss_only(monkeypatch):
 
 def test_precision_auto_is_bf16_exactly_where_it_is_native(monkeypatch, caplog):
     monkeypatch.setattr(machine, "bf16_is_native", lambda device: False)
-    with caplog.at_level(logging.WARNING, logger="fashioncnn.train"):
+    with caplog.at_level(logging.WARNING, logger="fashioncnn.core.machine"):
         assert precision_used("auto", CPU) == "fp32" and use_bf16(compose("precision=auto"), CPU) is False
     assert not caplog.records  # auto says nothing where bf16 is not native; precision=bf16 does
     assert compose().precision.value == "auto"

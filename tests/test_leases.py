@@ -109,3 +109,17 @@ def test_a_decision_travels_as_one_hydra_override_and_back():
     assert override.key_or_group == "hydra.job.env_set.FASHIONCNN_DECISION"  # a hydra.* override: not in the launch log
     assert Decision.from_json(override.value()) == decision
     assert Decision.from_json(Decision("7", "fp").to_json()) == Decision("7", "fp")
+
+
+def test_a_value_handed_to_a_sweeper_keeps_a_users_interpolation_for_each_job():
+    import json
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from fashioncnn.sweep.launch import jobs_override
+
+    jobs = [["conv='2'", "experiment=run-${model.conv}", "tag='it''s'"], ["conv='3'", "experiment=run-${model.conv}"]]
+    value = OverridesParser.create().parse_override(jobs_override(jobs)).value()
+    # Hydra builds the sweeper from its (resolved) config: the jobs arrive as typed, each job resolves its own.
+    assert json.loads(OmegaConf.create({"jobs": value, "model": {"conv": 9}}).jobs) == jobs

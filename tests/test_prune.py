@@ -85,15 +85,12 @@ def test_asha_rungs_and_promotion():
 class FakeSiblings:
     """Sibling histories as the store would give them, and how often they were asked for."""
 
-    def __init__(self, histories, own=None):
-        self.histories, self.own, self.asked = histories, own or {}, []
+    def __init__(self, histories):
+        self.histories, self.asked = histories, []
 
     def histories_at(self, epoch):
         self.asked.append(epoch)
         return [h for h in self.histories if epoch in h]
-
-    def own_history(self):
-        return dict(self.own)
 
 
 def epoch(n, val_acc, val_loss=1.0):
@@ -127,7 +124,6 @@ def test_siblings_from_the_store_a_diverged_run_did_not_reach_its_last_epoch(tmp
     siblings = Siblings(store, experiment_id, "s1", own, "e", "test_acc")
     assert sorted(h[1] for h in siblings.histories_at(1)) == [0.60, 0.70, 0.80]  # c did not finish epoch 1
     assert sorted(h[2] for h in siblings.histories_at(2)) == [0.66, 0.84]  # nor b epoch 2
-    assert siblings.own_history() == {1: 0.75}
 
 
 def test_median_pruner_on_sibling_histories():
@@ -170,9 +166,12 @@ def test_a_loss_prunes_the_higher_values():
 
 
 def test_a_resumed_run_counts_its_earlier_epochs():
-    siblings = FakeSiblings([{1: 0.7, 2: 0.75, 3: 0.8}] * 3, own={1: 0.9, 2: 0.5})
+    siblings = FakeSiblings([{1: 0.7, 2: 0.75, 3: 0.8}] * 3)
     pruner = MedianPruner("run", 5, "val_acc", siblings, min_siblings=3)
+    pruner.restored([epoch(1, 0.9), epoch(2, 0.5)])  # from its checkpoint
     assert pruner.after_epoch(epoch(3, 0.6)) is None  # its best so far is epoch 1's 0.9
+    fresh = MedianPruner("run", 5, "val_acc", FakeSiblings([{1: 0.7, 2: 0.75, 3: 0.8}] * 3), min_siblings=3)
+    assert fresh.after_epoch(epoch(3, 0.6)) is not None  # without them, 0.6 is below the median 0.8
 
 
 def test_every_pruner_hears_every_epoch_and_the_first_to_stop_wins():

@@ -117,7 +117,7 @@ def test_bf16_is_native_reads_the_cpu_flags(tmp_path):
 
 def test_bf16_turns_itself_off_with_one_line_where_not_native(monkeypatch, caplog):
     monkeypatch.setattr(machine, "bf16_is_native", lambda device: False)
-    with caplog.at_level(logging.WARNING, logger="fashioncnn.train"):
+    with caplog.at_level(logging.WARNING, logger="fashioncnn.core.machine"):
         assert use_bf16(compose("precision=bf16"), CPU) is False
     (record,) = caplog.records
     assert record.getMessage() == "precision=bf16: no native bf16 on this cpu (emulated bf16 is slower than fp32), training in fp32"

@@ -340,10 +340,12 @@ class DebugHooks:
 
 
 def train(cfg: DictConfig, model: nn.Module, data: FashionMNIST, device: torch.device,
-          on_epoch: Callable[[EpochMetrics], str | None] = lambda metrics: None, checkpoints: Checkpoints | None = None) -> TrainResult:
+          on_epoch: Callable[[EpochMetrics], str | None] = lambda metrics: None, checkpoints: Checkpoints | None = None,
+          on_resume: Callable[[list[EpochMetrics]], None] = lambda history: None) -> TrainResult:
     """Train for cfg.epochs; with `checkpoints`, resume from the latest one and store one after every epoch.
 
     `on_epoch` gets each epoch's metrics; a string it returns stops the run there (a pruner's reason).
+    `on_resume` gets the epochs a checkpoint restored, before training goes on.
     """
     run, debug = Training(cfg, model, data, device), DebugHooks(cfg.debug)
     result = run.result
@@ -351,6 +353,7 @@ def train(cfg: DictConfig, model: nn.Module, data: FashionMNIST, device: torch.d
     if latest is not None:
         run.restore(torch.load(latest, map_location="cpu", weights_only=False))
         log.info("resumed from %s after epoch %d", latest, result.resumed_after_epoch)
+        on_resume(list(result.history))
     for epoch in range(result.resumed_after_epoch + 1, cfg.epochs + 1):
         debug.before_epoch(epoch)
         started = time.perf_counter()

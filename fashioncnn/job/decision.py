@@ -46,9 +46,7 @@ class Decision:
 
     def override(self) -> str:
         """The job's override that carries this decision."""
-        from hydra.core.override_parser.types import Quote, QuotedString
-
-        return f"hydra.job.env_set.{DECISION_ENV}={QuotedString(self.to_json(), Quote.single).with_quotes()}"
+        return f"hydra.job.env_set.{DECISION_ENV}={literal(self.to_json())}"
 
     @classmethod
     def of_this_job(cls) -> Decision | None:
@@ -59,3 +57,11 @@ class Decision:
             return None
         text = HydraConfig.get().job.env_set.get(DECISION_ENV)
         return cls.from_json(text) if text else None
+
+
+def literal(text: str) -> str:
+    """`text` as an override's value that arrives unchanged: quoted for Hydra's grammar, and with `${` escaped,
+    so that OmegaConf does not resolve a user's interpolation (a job's own override) where the value is read."""
+    from hydra.core.override_parser.types import Quote, QuotedString
+
+    return QuotedString(text.replace("${", "\\${"), Quote.single).with_quotes()

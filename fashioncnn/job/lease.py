@@ -24,7 +24,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from fashioncnn.tracking.names import HEARTBEAT_TAG, HOLDER_TAG, OWNER_TAG
+from fashioncnn.tracking.names import FINGERPRINT_TAG, HEARTBEAT_TAG, HOLDER_TAG, OWNER_TAG
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -61,14 +61,23 @@ def holder_of(run: Run) -> tuple[str, int, str] | None:
 def holder_gone(run: Run) -> bool:
     """Whether the run's holder is known to be gone: it ran on this host, and no live process has its PID and
     start time. A holder on another host cannot be seen from here: only its heartbeat tells."""
+    return holder_gone_text(run.data.tags.get(HOLDER_TAG, ""))
+
+
+def holder_gone_text(holder_text: str, elsewhere_gone: bool = False) -> bool:
+    """`holder_gone` for a holder as recorded ("host PID start"); a holder on another host counts as gone
+    only with `elsewhere_gone`, and one that says nothing readable as still there."""
     import psutil
 
-    holder = holder_of(run)
-    if holder is None or holder[0] != socket.gethostname():
+    parts = holder_text.rsplit(" ", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
         return False
+    host, pid, started = parts[0], int(parts[1]), parts[2]
+    if host != socket.gethostname():
+        return elsewhere_gone
     try:
-        process = psutil.Process(holder[1])
-        return process.status() == psutil.STATUS_ZOMBIE or f"{process.create_time():.2f}" != holder[2]
+        process = psutil.Process(pid)
+        return process.status() == psutil.STATUS_ZOMBIE or f"{process.create_time():.2f}" != started
     except psutil.NoSuchProcess:
         return True
     except psutil.Error:  # not ours to look at (another user's process): alive, as far as we can tell
@@ -108,7 +117,7 @@ def wins_new_run(client: MlflowClient, experiment_id: str, fingerprint: str, min
     """After creating run `mine`: whether it is the one to train (no earlier live run of the same job, and no
     FINISHED one: the plan saw none, so another command finished it since; with `force`, one since this run began)."""
     time.sleep(SETTLE_SECONDS)
-    others = client.search_runs([experiment_id], f"tags.fingerprint = '{fingerprint}'", max_results=1000)
+    others = client.search_runs([experiment_id], f"tags.{FINGERPRINT_TAG} = '{fingerprint}'", max_results=1000)
     key = (mine.info.start_time, mine.info.run_id)
     for other in others:
         if other.info.run_id == mine.info.run_id:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Mapping
 
-import mlflow
 import optuna
 
 from fashioncnn.job.decision import TrialRef
@@ -49,29 +48,27 @@ class OptunaTrialPruner:
                                   pruner=make_optuna_pruner(trial.pruner))
         self.trial = optuna.trial.Trial(study, trial.trial_id)
         self.metric, self.pruner, self.run_id = select_metric, trial.pruner.split(":", 1)[0], run_id
-        self.first_epoch = True
         self.trial.set_user_attr("mlflow_run_id", run_id)
         if set_tags is not None:
             set_tags({STUDY_TAG: trial.study, TRIAL_TAG: str(self.trial.number)})
+
+    def restored(self, history: list[EpochMetrics]) -> None:
+        """A run resumed under a re-queued trial: its epochs before the kill went to the interrupted trial.
+
+        Without them this trial has no value at those epochs once COMPLETE, and the median pruner takes
+        its median at such an epoch over the other trials alone (with one of them, that trial's value).
+        They come from the checkpoint: the store may lack the last of them (a kill before its delivery).
+        """
+        for metrics in history:
+            value = getattr(metrics, self.metric)
+            if value is not None and not metrics.cut_short:
+                self.trial.report(float(value), metrics.epoch)
 
     def after_epoch(self, metrics: EpochMetrics) -> str | None:
         value = getattr(metrics, self.metric)
         if value is None:
             return None
-        if self.first_epoch and metrics.epoch > 1:
-            self._report_epochs_before_the_resume(metrics.epoch)
-        self.first_epoch = False
         self.trial.report(float(value), metrics.epoch)
         if self.pruner != "none" and self.trial.should_prune():
             return f"optuna {self.pruner} pruner at epoch {metrics.epoch}: {self.metric} {value:.4f} (trial #{self.trial.number})"
         return None
-
-    def _report_epochs_before_the_resume(self, epoch: int) -> None:
-        """A run resumed under a re-queued trial: its epochs before the kill went to the interrupted trial.
-
-        Without them this trial has no value at those epochs once COMPLETE, and the median pruner takes
-        its median at such an epoch over the other trials alone (with one of them, that trial's value).
-        """
-        for logged in mlflow.tracking.MlflowClient().get_metric_history(self.run_id, self.metric):
-            if logged.step < epoch:
-                self.trial.report(float(logged.value), logged.step)

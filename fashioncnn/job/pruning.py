@@ -1,7 +1,7 @@
 """Stopping hopeless runs early: after each epoch a pruner says go on (None) or stop (the reason).
 
 A pruned run ends FINISHED with `pruned=true` and its reason as tags (fashioncnn.job.tracked_run); it counts as done on a
-re-run and is never picked by retrain or the registry (results.selectable).
+re-run and is never picked by retrain or the registry (fashioncnn.tracking.queries.selectable).
 
 The pruners compare a run with its siblings: the other runs of the same sweep (the `sweep_id` tag, in
 the same experiment), read from the tracking store. So they work alike with every launcher and across
@@ -38,12 +38,19 @@ TagSink = Callable[[Mapping[str, str]], None]  # the job's run's set_tags: every
 
 
 class Pruner(Protocol):
+    def restored(self, history: list[EpochMetrics]) -> None:
+        """A resumed run's epochs before the resume, from its checkpoint (before any after_epoch)."""
+        ...
+
     def after_epoch(self, metrics: EpochMetrics) -> str | None:
         """None: train on; a one-line reason: stop the run after this epoch."""
         ...
 
 
 class NeverPrune:
+    def restored(self, history: list[EpochMetrics]) -> None:
+        return None
+
     def after_epoch(self, metrics: EpochMetrics) -> str | None:
         return None
 
@@ -108,9 +115,6 @@ class Siblings:
     def _history(self, run_id: str) -> dict[int, float]:
         return {m.step: m.value for m in self.store.client.get_metric_history(run_id, self.metric)}
 
-    def own_history(self) -> dict[int, float]:
-        return self._history(self.run_id)
-
     def histories_at(self, epoch: int) -> list[dict[int, float]]:
         """The histories of the siblings that reached `epoch` (one per configuration: its newest run)."""
         found = self.store.find_runs(self.experiment_id, f"tags.{names.SWEEP_TAG} = '{self.sweep_id}'")
@@ -160,13 +164,14 @@ class _SiblingPruner(ABC):
     @abstractmethod
     def _reason(self, epoch: int, own: float, threshold: float, count: int) -> str: ...
 
+    def restored(self, history: list[EpochMetrics]) -> None:
+        self.own.update({m.epoch: getattr(m, self.metric) for m in history if getattr(m, self.metric) is not None})
+
     def after_epoch(self, metrics: EpochMetrics) -> str | None:
         epoch = metrics.epoch
         value = getattr(metrics, self.metric)
         if value is None:
             return None
-        if not self.own and epoch > 1:  # a resumed run: its earlier epochs are in the store
-            self.own = self.siblings.own_history()
         self.own[epoch] = value
         if epoch >= self.epochs or not self._decides_at(epoch):
             return None
@@ -179,10 +184,8 @@ class _SiblingPruner(ABC):
             return None
         reason = self._reason(epoch, own, threshold, len(others_at))
         if self.set_tags is not None:
-            details = {"pruned_rule": self.rule, "pruned_metric": self.metric,
-                       "pruned_value": f"{own:.6g}", "pruned_threshold": f"{threshold:.6g}",
-                       "pruned_siblings": str(len(others_at))}
-            self.set_tags(details)
+            values = (self.rule, self.metric, f"{own:.6g}", f"{threshold:.6g}", str(len(others_at)))
+            self.set_tags(dict(zip(names.PRUNED_DETAIL_TAGS, values)))
         return reason
 
 
@@ -248,6 +251,10 @@ class FirstToStop:
 
     def __init__(self, pruners: list[Pruner]) -> None:
         self.pruners = pruners
+
+    def restored(self, history: list[EpochMetrics]) -> None:
+        for pruner in self.pruners:
+            pruner.restored(history)
 
     def after_epoch(self, metrics: EpochMetrics) -> str | None:
         reasons = [pruner.after_epoch(metrics) for pruner in self.pruners]

@@ -58,7 +58,8 @@ def _train_in(run: TrackedRun, cfg: DictConfig, decision: Decision) -> TrainResu
              f"{param_count:,}", len(data.train_labels), len(data.val_labels), data.source, device)
     pruner = make_pruner(cfg, run.run_id, decision, run.set_tags)
     stored = checkpoints.for_run(cfg, run.run_id)
-    result = train(cfg, model, data, device, on_epoch=lambda metrics: _after_epoch(run, pruner, metrics), checkpoints=stored)
+    result = train(cfg, model, data, device, on_epoch=lambda metrics: _after_epoch(run, pruner, metrics), checkpoints=stored,
+                   on_resume=lambda history: _resumed(run, pruner, history))
     run.log_outcome(result, record.where_it_ran(device, torch.get_num_threads(), result.precision))
     if not result.diverged and not result.pruned and cfg.log_model:
         model.load_state_dict(result.best_state)
@@ -69,6 +70,14 @@ def _train_in(run: TrackedRun, cfg: DictConfig, decision: Decision) -> TrainResu
              run.name, result.best_epoch, result.select_metric, f"{getattr(best, result.select_metric):.4f}",
              best.test_acc, result.max_test_acc, result.train_seconds, run.run_id, run.link())
     return result
+
+
+def _resumed(run: TrackedRun, pruner: Pruner, history: list[EpochMetrics]) -> None:
+    """The epochs a checkpoint restored: to the run, which may lack the last of them (a kill between an epoch's
+    checkpoint and its metrics' delivery), and to the pruner, which judges the run's whole history."""
+    for metrics in history:
+        run.log_epoch(metrics)
+    pruner.restored(history)
 
 
 def _after_epoch(run: TrackedRun, pruner: Pruner, metrics: EpochMetrics) -> str | None:

@@ -29,6 +29,7 @@ from fashioncnn.job.decision import Decision
 from fashioncnn.tracking import links, record, stores
 from fashioncnn.tracking.delivery import Delivery
 from fashioncnn.tracking.names import (
+    DIVERGED_REASON_TAG,
     DIVERGED_TAG,
     FINGERPRINT_TAG,
     PARENT_TAG,
@@ -104,14 +105,12 @@ class TrackedRun:
         log_model(model)
 
     def log_outcome(self, result: TrainResult, where: Mapping[str, str]) -> None:
-        """The epochs restored from a checkpoint that the run lacks, where it ran, its verdict, and why it
-        stopped early if it did; then waits for all of it to reach the store (StoreAway if it does not)."""
-        for restored in result.history[:result.resumed_after_epoch]:
-            self.log_epoch(restored)  # killed between its checkpoint and its metrics
+        """Where the run ran, its verdict, and why it stopped early if it did; then waits for all of it to
+        reach the store (StoreAway if it does not)."""
         self.set_tags(where)
         self.log_metrics(record.summary_values(result))
         if result.diverged:
-            self.set_tags({DIVERGED_TAG: "true", "diverged_reason": result.diverged})
+            self.set_tags({DIVERGED_TAG: "true", DIVERGED_REASON_TAG: result.diverged})
         elif result.pruned:  # never picked, so no model to keep; the epoch is what the summary's saving counts from
             self.set_tags({PRUNED_TAG: "true", PRUNED_REASON_TAG: result.pruned, PRUNED_EPOCH_TAG: str(len(result.history))})
         wait = self.cfg.tracking.outage_wait_seconds

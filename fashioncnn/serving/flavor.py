@@ -62,7 +62,7 @@ def example_batch() -> torch.Tensor:
 def log_model(network: nn.Module) -> ModelInfo:
     """Log Classifier(a CPU, fp32, eval-mode copy of `network`) to the active run as the LoggedModel "model"."""
     if mlflow.active_run() is None:
-        raise RuntimeError("serving.log_model needs an active MLflow run to attach the model to")
+        raise RuntimeError("fashioncnn.serving.flavor.log_model needs an active MLflow run to attach the model to")
     network = getattr(network, "_orig_mod", network)  # a torch.compile'd network: export the original
     # A copy, so the caller's network stays where and as it was. Contiguous memory: the pt2 archive
     # mishandles channels_last weights (torch warns "No complete tensor found in the group").

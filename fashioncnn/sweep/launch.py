@@ -16,8 +16,7 @@ from typing import Mapping
 
 from fashioncnn.job import lease
 from fashioncnn.job.app import run_hydra
-from fashioncnn.job.decision import Decision, TrialRef
-from fashioncnn.sweep import overrides as ov
+from fashioncnn.job.decision import Decision, TrialRef, literal
 from fashioncnn.sweep.parent import ParentRun
 from fashioncnn.sweep.plan import Plan, PlannedJob, store_error
 from fashioncnn.sweep.summary import FAILED_STATUSES, RUNNING_ELSEWHERE, plan_metric, pruning_line, summarize, summary_text
@@ -37,7 +36,7 @@ def decision(job: PlannedJob, experiment_id: str, sweep_id: str | None = None, p
 
 def jobs_override(jobs: list[list[str]]) -> str:
     """The plan sweeper's jobs, each one's overrides with its decision: one value on the command line Hydra runs."""
-    return f"{SWEEPER_JOBS_KEY}={ov.quote(json.dumps(jobs))}"
+    return f"{SWEEPER_JOBS_KEY}={literal(json.dumps(jobs))}"
 
 
 def _experiment_ids(plan: Plan) -> dict[tuple[str, str], str]:

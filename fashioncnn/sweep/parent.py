@@ -30,7 +30,7 @@ class ParentRun:
             json.dumps(sorted(job.fingerprint for job in plan.jobs)).encode()
         ).hexdigest()[:16]
         earlier = store.find_runs(experiment_id, f"tags.`{names.ROLE_TAG}` = 'parent' and "
-                                              f"tags.sweep_fingerprint = '{self.sweep_fingerprint}'")
+                                              f"tags.{names.SWEEP_FINGERPRINT_TAG} = '{self.sweep_fingerprint}'")
         if earlier:
             self.run_id = earlier[0].info.run_id
             self.sweep_id = earlier[0].data.tags[names.SWEEP_TAG]
@@ -48,7 +48,7 @@ class ParentRun:
                 tags={
                     names.ROLE_TAG: "parent",
                     names.SWEEP_TAG: self.sweep_id,
-                    "sweep_fingerprint": self.sweep_fingerprint,
+                    names.SWEEP_FINGERPRINT_TAG: self.sweep_fingerprint,
                     "command": mask_secrets(shlex.join(["python", "-m", "fashioncnn", "-m", *typed])),
                     "jobs": str(len(plan.jobs) if jobs is None else jobs),
                 },

@@ -50,8 +50,9 @@ from optuna.trial import TrialState
 from fashioncnn.core import sources
 from fashioncnn.core.config import ConfigError, lower_is_better, register_schema
 from fashioncnn.core.model import run_name
+from fashioncnn.job import lease
 from fashioncnn.job.app import run_hydra
-from fashioncnn.job.decision import TrialRef
+from fashioncnn.job.decision import TrialRef, literal
 from fashioncnn.job.optuna_trial import make_optuna_pruner, open_storage
 from fashioncnn.sweep import overrides as ov
 from fashioncnn.sweep import preflight
@@ -620,11 +621,9 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
 def _recover_interrupted(study: optuna.Study) -> int:
     """Trials left RUNNING by a sweeper process that is gone (kill -9, a lost machine): failed, and their
     parameters queued again, so their runs resume from their checkpoints. Returns how many."""
-    host = socket.gethostname()
     recovered = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner_host, owner_pid = trial.user_attrs.get("sweeper_host"), trial.user_attrs.get("sweeper_pid")
-        if owner_host == host and owner_pid is not None and _alive(int(owner_pid)):
+        if not _sweeper_gone(trial.user_attrs):
             continue  # another command on this machine is running it now
         study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
         study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
@@ -632,6 +631,15 @@ def _recover_interrupted(study: optuna.Study) -> int:
             study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
         recovered += 1
     return recovered
+
+
+def _sweeper_gone(attrs: Mapping[str, Any]) -> bool:
+    """Whether the sweeper that asked for a trial is gone: on this host, no live process has its PID and start
+    time (a study from before holders: its PID is not alive); a sweeper on another host counts as gone."""
+    if "sweeper_holder" in attrs:
+        return lease.holder_gone_text(attrs["sweeper_holder"], elsewhere_gone=True)
+    owner_host, owner_pid = attrs.get("sweeper_host"), attrs.get("sweeper_pid")
+    return not (owner_host == socket.gethostname() and owner_pid is not None and _alive(int(owner_pid)))
 
 
 def _alive(pid: int) -> bool:
@@ -645,8 +653,8 @@ def _alive(pid: int) -> bool:
 
 
 def mark_owner(trial: optuna.Trial) -> None:
-    trial.set_user_attr("sweeper_host", socket.gethostname())
-    trial.set_user_attr("sweeper_pid", os.getpid())
+    """The sweeper that asked for the trial: host, PID and start time (as a lease's holder)."""
+    trial.set_user_attr("sweeper_holder", lease.this_holder())
 
 
 def open_study(plan: SearchPlan) -> optuna.Study:
@@ -674,7 +682,8 @@ def run(search_plan: SearchPlan) -> int:
     study = open_study(search_plan)
     study.set_user_attr("command", mask_secrets(" ".join(search_plan.typed)))
     recovered = _recover_interrupted(study)
-    before = {t.number for t in study.get_trials(deepcopy=False)}
+    # Trials queued again (WAITING) already have their numbers, but this command runs them.
+    before = {t.number for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING}
     handle_sigterm()
     parent = ParentRun(Plan(search_plan.args, search_plan.typed, True, []), store, experiment_id,
                        sweep_fingerprint=search_plan.study_name, jobs=search_plan.settings.n_trials,
@@ -687,7 +696,7 @@ def run(search_plan: SearchPlan) -> int:
           + (" (re-attached to its parent run)" if parent.reattached else ""), flush=True)
     interrupted = None
     try:
-        run_hydra([*search_plan.args, f"{SEARCH_KEY}={ov.quote(search.to_json())}"])
+        run_hydra([*search_plan.args, f"{SEARCH_KEY}={literal(search.to_json())}"])
     except KeyboardInterrupt as stop:
         interrupted = stop
         parent.kill_unfinished_jobs()

@@ -53,7 +53,7 @@ def plan_metric_of(cfg: DictConfig) -> str:
 
 
 def ranked_rows(rows: list[dict[str, str]], metric_name: str) -> list[dict[str, str]]:
-    """Rows that finished with the metric, best first (results.rank decides the direction)."""
+    """Rows that finished with the metric, best first (fashioncnn.tracking.queries.rank decides the direction)."""
     scored = [row for row in rows if row["status"] in ("FINISHED", "SKIPPED") and row.get(metric_name)]
     return rank(scored, metric_name, score=lambda row: float(row[metric_name]))
 

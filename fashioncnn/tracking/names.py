@@ -12,6 +12,7 @@ SWEEP_TAG = "sweep_id"
 FINGERPRINT_TAG = "fingerprint"
 SWEEP_FINGERPRINT_TAG = "sweep_fingerprint"  # on a parent run: which jobs (or which study) it stands for
 DIVERGED_TAG = "diverged"
+DIVERGED_REASON_TAG = "diverged_reason"
 # The epoch the divergence guard stopped a run in: its metrics there are of part of an epoch, which the
 # run did not reach (pruners and Optuna trials leave it out).
 CUT_SHORT_EPOCH_TAG = "cut_short_epoch"
