@@ -71,7 +71,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results.json"
 README = REPO / "README.md"
 MODELS = ["M2.2.32.32", "M3.3.32.32", "M1.3.32.32"]
-BATCH = 64  # the batch size, for both loops
+BATCH = 64  # the study's batch size, for both loops
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
 
 

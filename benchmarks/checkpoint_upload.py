@@ -1,4 +1,4 @@
-"""Cost of sending the per-epoch checkpoint to a tracking server's artifact store (issue 14.2).
+"""Cost of sending the per-epoch checkpoint to a tracking server's artifact store.
 
 Starts `python -m fashioncnn.server --backend sqlite` on a free loopback port, then for each model
 saves one checkpoint as the training loop does (model + Adam state after a step, best weights) and

@@ -1,4 +1,4 @@
-"""Pruning and sampled search against the full grid (issue 12): what they find, and in how much training time.
+"""Pruning and sampled search against the full grid: what they find, and in how much training time.
 
 1. The study's step-3 grid (`+study=step3-channels`: 18 models at lr 0.01, 5 epochs, full data) four
    times, each into a store of its own: prune=none, prune=median, prune=asha, and prune=asha with its
@@ -232,7 +232,7 @@ def machine() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subset", type=int, help="training images per run (default: all, as the issue asks)")
+    parser.add_argument("--subset", type=int, help="training images per run (default: all)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: 5, the study's step 3)")
     parser.add_argument("--trials", type=int, default=20, help="Optuna trials (default: %(default)s)")
     parser.add_argument("--optuna-pruner", default="median", choices=GRID_PRUNERS,

@@ -1,4 +1,4 @@
-"""Issue 14, parts 2-5: resume from another machine through a tracking server, leases between concurrent
+"""Sweeps that never lose work: resume from another machine through a tracking server, leases between concurrent
 commands, training through a tracking-server outage, a fresh sqlite store opened by two processes at once,
 and an epoch's metrics logged once after a kill between its checkpoint and its metrics.
 
