@@ -52,7 +52,11 @@ def this_holder() -> str:
 
 def holder_of(run: Run) -> tuple[str, int, str] | None:
     """The (host, PID, start time) holding the run, None when the run does not say (an older version's run)."""
-    parts = run.data.tags.get(HOLDER_TAG, "").rsplit(" ", 2)
+    return _parsed(run.data.tags.get(HOLDER_TAG, ""))
+
+
+def _parsed(holder_text: str) -> tuple[str, int, str] | None:
+    parts = holder_text.rsplit(" ", 2)
     if len(parts) != 3 or not parts[1].isdigit():
         return None
     return parts[0], int(parts[1]), parts[2]
@@ -69,15 +73,14 @@ def holder_gone_text(holder_text: str, elsewhere_gone: bool = False) -> bool:
     only with `elsewhere_gone`, and one that says nothing readable as still there."""
     import psutil
 
-    parts = holder_text.rsplit(" ", 2)
-    if len(parts) != 3 or not parts[1].isdigit():
+    holder = _parsed(holder_text)
+    if holder is None:
         return False
-    host, pid, started = parts[0], int(parts[1]), parts[2]
+    host, pid, started = holder
     if host != socket.gethostname():
         return elsewhere_gone
     try:
-        process = psutil.Process(pid)
-        return process.status() == psutil.STATUS_ZOMBIE or f"{process.create_time():.2f}" != started
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE or _started(pid) != started
     except psutil.NoSuchProcess:
         return True
     except psutil.Error:  # not ours to look at (another user's process): alive, as far as we can tell
