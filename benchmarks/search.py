@@ -8,8 +8,9 @@
    training time the pruner says it saved. Then, against prune=none: the best's difference in points
    and the training time as a fraction.
 2. A 20-trial Optuna search (`hydra/sweeper=optuna`) over conv, lin, channels and
-   `optim.lr=tag(log,interval(1e-4,1e-2))` at 5 epochs with pruning (Optuna's own,
-   `hydra.sweeper.pruner=median`; `--optuna-prune` adds the store's `prune=`), then the same
+   `optim.lr=tag(log,interval(1e-4,1e-2))` at 5 epochs with pruning (`--optuna-prune`, default median: the
+   prune group's rule, which a search applies through Optuna's pruner; median with prune.min_siblings=2,
+   Optuna's n_startup_trials of the first measurements), then the same
    command again: how many runs the second command trained (none, when the study resumes) and
    whether it reports the same best.
 
@@ -205,11 +206,12 @@ def grid(workdir: Path, subset: int | None, epochs: int | None, progress: Progre
     save()
 
 
-def optuna(workdir: Path, subset: int | None, epochs: int, trials: int, pruner: str, prune: str, progress: Progress,
+def optuna(workdir: Path, subset: int | None, epochs: int, trials: int, prune: str, progress: Progress,
            results: dict[str, Any], save: Callable[[], None]) -> None:
     cwd = workdir / "optuna"
     args = ["-m", "hydra/sweeper=optuna", f"hydra.sweeper.n_trials={trials}", "hydra.sweeper.sampler=tpe",
-            "hydra.sweeper.seed=0", f"hydra.sweeper.pruner={pruner}", *OPTUNA_SPACE, f"prune={prune}", f"epochs={epochs}", "experiment=search-optuna",
+            "hydra.sweeper.seed=0", *OPTUNA_SPACE, f"prune={prune}", *(["prune.min_siblings=2"] if prune == "median" else []),
+            f"epochs={epochs}", "experiment=search-optuna",
             *([f"subset={subset}"] if subset else [])]
     results["first"] = fashioncnn(args, cwd, progress, "optuna-first") | store_figures(cwd, "search-optuna")
     save()
@@ -235,10 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", type=int, help="training images per run (default: all)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: 5, the study's step 3)")
     parser.add_argument("--trials", type=int, default=20, help="Optuna trials (default: %(default)s)")
-    parser.add_argument("--optuna-pruner", default="median", choices=GRID_PRUNERS,
-                        help="the search's hydra.sweeper.pruner, Optuna's own (default: %(default)s)")
-    parser.add_argument("--optuna-prune", default="none", choices=GRID_PRUNERS,
-                        help="the search's prune=, the store's pruner (default: %(default)s)")
+    parser.add_argument("--optuna-prune", default="median", choices=GRID_PRUNERS,
+                        help="the search's prune=, applied through Optuna's pruner (default: %(default)s)")
     parser.add_argument("--only", choices=("grid", "optuna"), help="run one of the two parts")
     parser.add_argument("--workdir", type=Path, help="where the stores go; the same one again continues a stopped benchmark "
                                                      "(default: a new temporary directory, kept)")
@@ -252,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         for part in (*STORES, "progress.json"):
             shutil.rmtree(workdir / part, ignore_errors=True) if part != "progress.json" else (workdir / part).unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    settings = {"subset": args.subset, "epochs": args.epochs or 5, "trials": args.trials, "optuna_pruner": args.optuna_pruner,
-                "optuna_prune": args.optuna_prune, "optuna_space": OPTUNA_SPACE}
+    settings = {"subset": args.subset, "epochs": args.epochs or 5, "trials": args.trials, "optuna_prune": args.optuna_prune, "optuna_space": OPTUNA_SPACE}
     progress = Progress(workdir, settings)
     for part in args.redo:
         shutil.rmtree(workdir / part, ignore_errors=True)
@@ -269,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "grid"):
             grid(workdir, args.subset, args.epochs, progress, results.setdefault("step3_grid", {}), save)
         if args.only in (None, "optuna"):
-            optuna(workdir, args.subset, args.epochs or 5, args.trials, args.optuna_pruner, args.optuna_prune, progress,
+            optuna(workdir, args.subset, args.epochs or 5, args.trials, args.optuna_prune, progress,
                    results.setdefault("optuna_search", {}), save)
     except Stopped as stopped:
         save()

@@ -37,7 +37,7 @@ def test_the_options_are_config_groups_and_off_by_default():
     assert options["norm"] == ["batch", "none"] and options["augment"] == ["flip", "flip_crop", "none"]
     assert options["schedule"] == ["constant", "cosine", "onecycle"]
     cfg = compose()
-    assert (cfg.model.norm.value, cfg.model.dropout, cfg.augment.flip, cfg.augment.shift, cfg.schedule.name.value,
+    assert (cfg.model.norm.value, cfg.model.dropout, cfg.augment.flip, cfg.augment.shift, cfg.schedule.name,
             cfg.label_smoothing) == ("none", 0.0, False, 0, "constant", 0.0)
     assert run_name(cfg) == "M2.2.32.32"
     assert str(build_model(ModelSpec.from_config(cfg.model))) == str(build_model(ModelSpec.from_name("M2.2.32.32")))

@@ -25,7 +25,7 @@ def compose_one(*args):
 def test_defaults_are_the_studys_best_model():
     cfg = compose_one()
     assert (cfg.model.conv, cfg.model.lin, cfg.model.filter_in, cfg.model.filter_out) == (2, 2, 32, 32)
-    assert cfg.optim.lr == 0.001 and cfg.optim.name.value == "adam"
+    assert cfg.optim.lr == 0.001 and cfg.optim.name == "adam" and cfg.optim._target_ == "torch.optim.Adam"
     assert (cfg.epochs, cfg.batch_size, cfg.subset, cfg.device) == (5, 64, None, "auto")
 
 
@@ -60,7 +60,9 @@ def test_a_sweep_expands_to_every_combination():
         (["subset=0"], "subset=0: not allowed, must be null (all images) or an integer from 1 to 60000"),
         (["subset=70000"], "subset=70000: not allowed, must be null (all images) or an integer from 1 to 60000"),
         (["device=gpu"], "device=gpu: not allowed, must be one of auto, cpu, cuda, cuda:N"),
-        (["optim.name=rmsprop"], "optim.name=rmsprop: Invalid value 'rmsprop', expected one of [adam, adamw, sgd]"),
+        (["optim=rmsprop"], "optim=rmsprop: no option 'rmsprop' in config group 'optim'; available: adam, adamw, sgd"),
+        (["optim.momentum=0.5"], "optim.momentum=0.5: not allowed with optim=adam (torch.optim.Adam has no momentum)"),
+        (["optim._target_=torch.optim.RMSprop"], "optim._target_=torch.optim.RMSprop: optim.name=adam is the built-in option"),
         (["foo=1"], "foo=1: unknown key 'foo'; known keys: model.conv, model.lin,"),
         (["+foo=1"], "foo: unknown key; known keys:"),
         (["conv=4"], "conv=4: no option '4' in config group 'conv'; available: 1, 2, 3; "

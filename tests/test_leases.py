@@ -104,7 +104,7 @@ def test_a_decision_travels_as_one_hydra_override_and_back():
     from fashioncnn.job.decision import Decision, TrialRef
 
     decision = Decision("7", "0123456789abcdef", "r" * 32, "sweep1", "p" * 32,
-                        TrialRef("study 'quoted' \\ name", "sqlite:////tmp/a b/optuna.db", 3, "median:1:2:3"))
+                        TrialRef("study 'quoted' \\ name", "sqlite:////tmp/a b/optuna.db", 3))
     override = OverridesParser.create().parse_override(decision.override())
     assert override.key_or_group == "hydra.job.env_set.FASHIONCNN_DECISION"  # a hydra.* override: not in the launch log
     assert Decision.from_json(override.value()) == decision

@@ -10,7 +10,8 @@ from fashioncnn.sweep.overrides import display, display_all, rewrite, split_flag
 from fashioncnn.sweep.preflight import jobs_of
 
 OPTIONS = {"conv": ["1", "2", "3"], "lin": ["2", "3", "4"], "channels": ["16.32", "32.32", "32.64", "64.128"],
-           "lr": ["0.0005", "0.001", "0.005", "0.01"]}
+           "lr": ["0.0005", "0.001", "0.005", "0.01"], "optim": ["adam", "adamw", "sgd"],
+           "schedule": ["constant", "cosine", "onecycle"], "prune": ["asha", "median", "none"]}
 
 
 def models(*args):
@@ -70,6 +71,26 @@ def test_old_speed_key_spellings_move_under_speed_with_a_notice():
         "threads=1 is now spelled speed.threads=1 (speed options live under speed.); the old spelling goes in the next release",
         "+eval_batch_size=9 is now spelled +speed.eval_batch_size=9 (speed options live under speed.); the old spelling goes in the next release",
     ]
+
+
+def test_a_component_chosen_by_its_name_key_is_chosen_by_its_group_with_a_notice():
+    args, notices = rewrite(["optim.name=sgd,adamw", "schedule.name=cosine", "optim.lr=0.01"], OPTIONS)
+    assert args == ["optim='sgd','adamw'", "schedule='cosine'", "optim.lr=0.01"]
+    assert notices[0] == ("optim.name=sgd,adamw is now spelled optim=sgd,adamw (optim is a config group of its options); "
+                          "the old spelling goes in the next release")
+
+
+def test_the_optuna_sweepers_old_pruning_keys_are_the_prune_groups_meaning_the_same():
+    args, notices = rewrite(["-m", "hydra/sweeper=optuna", "hydra.sweeper.pruner=median", "hydra.sweeper.startup_trials=1"], OPTIONS)
+    # min_epochs=1 (the old default) let Optuna judge from epoch 1: no warm-up epochs.
+    assert args == ["-m", "hydra/sweeper=optuna", "prune='median'", "prune.warmup_epochs=0", "prune.min_siblings=1"]
+    assert notices == ["hydra.sweeper.pruner=median hydra.sweeper.startup_trials=1 is now spelled prune=median prune.warmup_epochs=0 "
+                       "prune.min_siblings=1 (one set of pruning keys for grids and searches, the prune group); the old spelling "
+                       "goes in the next release"]
+    args, _ = rewrite(["hydra.sweeper.pruner=successive_halving", "hydra.sweeper.min_epochs=2", "hydra.sweeper.reduction_factor=4"], OPTIONS)
+    assert args == ["prune='asha'", "prune.min_epoch=2", "prune.reduction_factor=4"]
+    with pytest.raises(ConfigError, match=r"^hydra.sweeper.min_epochs=0: must be an integer >= 1"):
+        rewrite(["hydra.sweeper.pruner=median", "hydra.sweeper.min_epochs=0"], OPTIONS)
 
 
 @pytest.mark.parametrize(

@@ -22,15 +22,18 @@ from fashioncnn.core.model import ModelSpec
 from fashioncnn.job.decision import Decision
 from fashioncnn.job.pruning import (
     AshaPruner,
-    FirstToStop,
+    AshaRule,
     MedianPruner,
+    MedianRule,
     NeverPrune,
+    NoneRule,
     Siblings,
     asha_rungs,
     asha_verdict,
     best_so_far,
     make_pruner,
     median_verdict,
+    pruning_rule,
     saved_seconds,
 )
 from fashioncnn.results import report
@@ -174,20 +177,32 @@ def test_a_resumed_run_counts_its_earlier_epochs():
     assert fresh.after_epoch(epoch(3, 0.6)) is not None  # without them, 0.6 is below the median 0.8
 
 
-def test_every_pruner_hears_every_epoch_and_the_first_to_stop_wins():
-    heard = []
+@pytest.mark.parametrize("rule", [MedianRule(warmup_epochs=1, min_siblings=3), AshaRule(reduction_factor=2, min_epoch=2)])
+def test_one_rule_judges_alike_in_a_grid_and_in_a_search(rule):
+    """The same prune.* keys: the store's pruner and Optuna's stop a trailing run at the same first epoch."""
+    import optuna
 
-    class Says:
-        def __init__(self, name, reason):
-            self.name, self.reason = name, reason
+    others = [{1: 0.70, 2: 0.79, 3: 0.84}, {1: 0.71, 2: 0.80, 3: 0.85}, {1: 0.72, 2: 0.81, 3: 0.86}]  # each better: none pruned
+    trailing = [epoch(n, 0.30 + n / 100) for n in (1, 2, 3)]
+    store = rule.store_pruner("run", 4, "val_acc", FakeSiblings(others), None)
+    grid_stops = next(m.epoch for m in trailing if store.after_epoch(m) is not None)
 
-        def after_epoch(self, metrics):
-            heard.append(self.name)
-            return self.reason
-
-    assert FirstToStop([Says("trial", None), Says("store", "stop")]).after_epoch(epoch(1, 0.1)) == "stop"
-    assert FirstToStop([Says("trial", "first"), Says("store", "second")]).after_epoch(epoch(1, 0.1)) == "first"
-    assert heard == ["trial", "store", "trial", "store"]  # an Optuna trial gets its report even when the other stops
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=rule.optuna_pruner())
+    for history in others:
+        trial = study.ask()
+        for step, value in history.items():
+            trial.report(value, step)
+            assert not trial.should_prune()  # as every trial's job asks after each epoch (asha records its rungs so)
+        study.tell(trial, history[3])
+    trial = study.ask()
+    for metrics in trailing:
+        trial.report(metrics.val_acc, metrics.epoch)
+        if trial.should_prune():
+            break
+    assert grid_stops == metrics.epoch == {"median": 2, "asha": 2}[rule.name]
+    assert NoneRule().store_pruner("run", 4, "val_acc", FakeSiblings(others), None) is None
+    assert isinstance(NoneRule().optuna_pruner(), optuna.pruners.NopPruner)
 
 
 def test_saved_seconds():
@@ -200,10 +215,10 @@ def test_saved_seconds():
 
 def test_prune_group_composes_and_keeps_the_fingerprint():
     default = compose()
-    assert default.prune.name.value == "none"
+    assert default.prune.name == "none" and pruning_rule(default.prune) == NoneRule()
     median, asha = compose("prune=median"), compose("prune=asha", "prune.reduction_factor=2")
-    assert (median.prune.name.value, median.prune.min_siblings) == ("median", 3)
-    assert (asha.prune.name.value, asha.prune.reduction_factor, asha.prune.min_epoch) == ("asha", 2, 1)
+    assert pruning_rule(median.prune) == MedianRule(warmup_epochs=0, min_siblings=3)
+    assert pruning_rule(asha.prune) == AshaRule(reduction_factor=2, min_epoch=1, min_siblings=2)
     assert fingerprint(median) == fingerprint(asha) == fingerprint(default)
     assert isinstance(make_pruner(median, "run"), NeverPrune)  # no decision: not a plan's job, never pruned
     alone = Decision("1", "fp")  # a plan's single run (no -m): no sweep, so no siblings

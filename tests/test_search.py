@@ -29,15 +29,15 @@ def space_of(*args):
 
 def test_sweep_syntax_becomes_optuna_distributions():
     space, rest = space_of("optim.lr=tag(log, interval(1e-4,1e-2))", "model.conv=int(interval(1,3))", "label_smoothing=interval(0,0.2)",
-                           "optim.name=choice(adam,sgd)", "seed=range(0,10,2)", "epochs=2")
+                           "optim=choice(adam,sgd)", "seed=range(0,10,2)", "epochs=2")
     assert rest == ["-m", search.SWEEPER_OVERRIDE, "epochs=2"]  # a single value is fixed
     assert space["optim.lr"].distribution == FloatDistribution(1e-4, 1e-2, log=True)
     assert space["model.conv"].distribution == IntDistribution(1, 3)  # Hydra's int(...) cast
     assert space["label_smoothing"].distribution == FloatDistribution(0.0, 0.2)
-    assert space["optim.name"].distribution == CategoricalDistribution(["adam", "sgd"])
+    assert space["optim"].distribution == CategoricalDistribution(["adam", "sgd"])
     assert space["seed"].distribution == IntDistribution(0, 8, step=2)
     assert space["optim.lr"].override(0.00123) == "optim.lr=0.00123"
-    assert space["optim.name"].override("sgd") == "optim.name=sgd"
+    assert space["optim"].override("sgd") == "optim='sgd'"
 
 
 def test_config_groups_search_their_option_names():
@@ -76,16 +76,16 @@ def test_storage_sits_next_to_the_tracking_store_and_a_server_needs_one(tmp_path
                                  "Optuna study, a database every worker reaches, e.g. hydra.sweeper.storage=postgresql://user:pass@dbhost/optuna")
 
 
-def test_settings_and_pruners():
-    assert search.Settings.from_config({"pruner": "successive_halving"}).pruner == "asha"
+def test_settings_and_the_pruning_rule():
     for node, message in (({"sampler": "cmaes"}, "hydra.sweeper.sampler=cmaes: allowed: tpe, random, grid"),
-                          ({"n_trials": 0}, "hydra.sweeper.n_trials=0: must be an integer >= 1"),
-                          ({"pruner": "hyperband"}, "hydra.sweeper.pruner=hyperband: allowed: none, median, asha")):
+                          ({"n_trials": 0}, "hydra.sweeper.n_trials=0: must be an integer >= 1")):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             search.Settings.from_config(node)
-    assert isinstance(search.make_optuna_pruner("median:2:1:3"), optuna.pruners.MedianPruner)
-    assert isinstance(search.make_optuna_pruner("asha:1:2:3"), optuna.pruners.SuccessiveHalvingPruner)
-    assert isinstance(search.make_optuna_pruner("none:1:2:3"), optuna.pruners.NopPruner)
+    # The search's pruner is the prune group's rule, one for the study: not a searched key.
+    args = ["-m", search.SWEEPER_OVERRIDE, "prune=median,asha", "conv=1,2"]
+    space, rest = search.take_space(args, OPTIONS)
+    with pytest.raises(ConfigError, match=r"^prune=median,asha: a search has one pruning rule"):
+        search.plan(rest, args[2:], OPTIONS, space)
     space, _ = space_of("optim.lr=interval(0.001,0.01)")
     with pytest.raises(ConfigError, match="sampler=grid needs values it can list"):
         search.grid_space(list(space.values()))
@@ -151,8 +151,8 @@ def test_a_sampled_search_runs_its_trials_as_nested_runs_and_a_rerun_trains_noth
 @needs_data
 def test_optunas_median_pruner_stops_a_hopeless_trial(tmp_path):
     # The grid sampler with this seed tries lr 0.003 first: the 1e-6 trial then trails it at epoch 1.
-    args = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid", "hydra.sweeper.seed=1", "hydra.sweeper.pruner=median",
-            "hydra.sweeper.startup_trials=1", "optim.lr=0.003,0.000001", "epochs=3", *SMALL, "experiment=pruning"]
+    args = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid", "hydra.sweeper.seed=1", "prune=median",
+            "prune.min_siblings=1", "optim.lr=0.003,0.000001", "epochs=3", *SMALL, "experiment=pruning"]
     result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     study = study_of(tmp_path, "pruning")

@@ -135,6 +135,7 @@ def test_keys_added_since_keep_the_fingerprints_of_earlier_runs(monkeypatch):
     earlier = {key: content[key] for key in ("model", "optim", "epochs", "batch_size", "seed", "subset", "precision", "divergence", "debug")}
     earlier["divergence"] = {key: value for key, value in earlier["divergence"].items() if key != "max_loss"}
     earlier["model"] = {key: value for key, value in earlier["model"].items() if key not in ("norm", "dropout")}
+    earlier["optim"] = {"name": "adam", "lr": content["optim"]["lr"]}  # before the optimizer was built from its _target_
     earlier["debug"] = {"fail_at_epoch": None}  # debug.exit_after_checkpoint is not a learned key
     earlier["precision"] = "fp32"  # auto, on a machine without native bf16 (see test_beyond for the other)
     assert content["precision"] == "auto"

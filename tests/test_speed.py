@@ -98,7 +98,7 @@ def test_bad_speed_options_fail_in_one_line(arg, message):
 @pytest.mark.parametrize("impl", ["fused", "foreach", "loop"])
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_optimizer_impl_picks_the_kernel(impl, name):
-    optimizer = make_optimizer(compose(f"speed.optimizer_impl={impl}", f"optim.name={name}"), torch.nn.Linear(3, 2))
+    optimizer = make_optimizer(compose(f"speed.optimizer_impl={impl}", f"optim={name}"), torch.nn.Linear(3, 2))
     assert type(optimizer).__name__ == {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}[name]
     assert bool(optimizer.defaults["fused"]) == (impl == "fused")
     assert bool(optimizer.defaults["foreach"]) == (impl == "foreach")

@@ -65,7 +65,7 @@ def test_each_preset_is_the_sweep_its_step_describes(preset):
     configs = compose_all("-m", f"+study={preset}")
     assert sorted((name(c), c.optim.lr) for c in configs) == sorted(models)
     assert {(c.epochs, c.experiment) for c in configs} == {(epochs, f"study-{preset}")}
-    assert {(c.batch_size, c.seed, c.subset, c.optim.name.value) for c in configs} == {(64, 0, None, "adam")}
+    assert {(c.batch_size, c.seed, c.subset, c.optim.name) for c in configs} == {(64, 0, None, "adam")}
     jobs = expand("-m", f"+study={preset}")
     assert len(jobs) == len(models) and all(f"+study='{preset}'" in job and f"epochs={epochs}" in job for job in jobs)
 
@@ -75,7 +75,7 @@ def test_the_preset_beyond_the_study_is_what_its_name_says():
     assert sorted(c.seed for c in configs) == [0, 1, 2]
     for c in configs:
         assert (name(c), c.model.norm.value, c.model.dropout, c.augment.flip, c.augment.shift) == ("M2.2.32.32", "batch", 0.2, True, 0)
-        assert (c.schedule.name.value, c.optim.lr, c.epochs, c.val_size, c.select_metric.value) == ("onecycle", 0.003, 10, 5000, "val_acc")
+        assert (c.schedule.name, c.optim.lr, c.epochs, c.val_size, c.select_metric.value) == ("onecycle", 0.003, 10, 5000, "val_acc")
     count = count_parameters(build_model(ModelSpec.from_config(configs[0].model)))
     assert count == 679_594 <= 1_000_000
 

@@ -17,7 +17,7 @@ import math
 import re
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -27,12 +27,6 @@ TRAIN_SET_SIZE = 60_000
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message is one line meant for the user."""
-
-
-class Optimizer(Enum):
-    adam = "adam"
-    adamw = "adamw"
-    sgd = "sgd"
 
 
 class OptimizerImpl(Enum):
@@ -52,12 +46,6 @@ class Norm(Enum):
     batch = "batch"  # BatchNorm after each conv
 
 
-class Schedule(Enum):
-    constant = "constant"
-    onecycle = "onecycle"  # torch's OneCycleLR up to optim.lr and down, stepped per batch
-    cosine = "cosine"  # linear warm-up for warmup_epochs, then cosine to 0, stepped per batch
-
-
 def _added(default: Any) -> Any:
     """A key added after runs existed: at its default it stays out of the fingerprint (those runs trained so)."""
     return field(default=default, metadata={"fingerprint_neutral": default})
@@ -74,10 +62,33 @@ class ModelConfig:
     dropout: float = _added(0.0)  # rate of a Dropout before each hidden linear layer
 
 
+# The options of conf/optim, conf/schedule and conf/prune that ship with fashioncnn: name -> what it builds.
+# A team adds options of its own as files with a `_target_` and a new name (README, "Components").
+BUILT_IN_TARGETS: dict[str, dict[str, str]] = {
+    "optim": {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW", "sgd": "torch.optim.SGD"},
+    "schedule": {name: f"fashioncnn.core.optimization.{name}" for name in ("constant", "onecycle", "cosine")},
+    "prune": {name: f"fashioncnn.job.pruning.{name.capitalize()}Rule" for name in ("none", "median", "asha")},
+}
+
+# Constructor arguments an option always had before they were keys (sgd trained with momentum 0.9): at
+# these values they stay out of the fingerprint, so the runs from before are still found.
+IMPLIED_BY_NAME: dict[tuple[str, str], dict[str, Any]] = {("optim", "sgd"): {"momentum": 0.9}}
+
+
 @dataclass
 class OptimConfig:
-    name: Optimizer = Optimizer.adam
+    """The optimizer (conf/optim/: adam, adamw, sgd), built by `hydra.utils.instantiate` from `_target_`.
+
+    `name` is the option's name (what runs are compared and reported by); the constructor gets `lr`,
+    whichever of momentum and weight_decay are set (null: the optimizer's own default) and `options`.
+    """
+
+    _target_: str = "torch.optim.Adam"
+    name: str = "adam"
     lr: float = 0.001
+    momentum: Optional[float] = _added(None)
+    weight_decay: Optional[float] = _added(None)
+    options: Dict[str, Any] = field(default_factory=dict, metadata={"fingerprint_neutral": {}})  # more arguments of the target
 
 
 @dataclass
@@ -90,11 +101,17 @@ class AugmentConfig:
 
 @dataclass
 class ScheduleConfig:
-    """The learning rate over the run, stepped per batch (conf/schedule/: constant, onecycle, cosine)."""
+    """The learning rate over the run, stepped per batch (conf/schedule/: constant, onecycle, cosine).
 
-    name: Schedule = _added(Schedule.constant)
+    Built by `instantiate` from `_target_` (fashioncnn.core.optimization) with the options its target takes.
+    """
+
+    _target_: str = "fashioncnn.core.optimization.constant"
+    name: str = _added("constant")
     warmup_epochs: float = _added(1.0)  # cosine: linear warm-up from 0
     pct_start: float = _added(0.3)  # onecycle: the share of the steps spent rising to optim.lr
+    # more arguments of a team's own target (torch.optim.lr_scheduler.StepLR: {step_size: 1000, gamma: 0.5}; steps are batches)
+    options: Dict[str, Any] = field(default_factory=dict, metadata={"fingerprint_neutral": {}})
 
 
 @dataclass
@@ -123,23 +140,21 @@ class SpeedConfig:
     weight_first_linear: Optional[int] = 1_000_000  # CPU: linear layers with at least this many weights run as W·xᵀ; null: none
 
 
-class PruneRule(Enum):
-    none = "none"
-    median = "median"  # below the median of the siblings that reached the same epoch: stop
-    asha = "asha"  # asynchronous successive halving: at each rung only the top 1/reduction_factor go on
-
-
 @dataclass
 class PruneConfig:
-    """Stopping hopeless runs of a sweep early, from the siblings' per-epoch metrics in the store (fashioncnn.job.pruning).
+    """Stopping hopeless runs of a sweep early (conf/prune/: none, median, asha; fashioncnn.job.pruning).
 
+    One rule, one set of keys, for both kinds of sweep: a grid's jobs judge themselves against their
+    siblings' per-epoch metrics in the store, a search's trials through Optuna's pruner of the same rule.
     Not part of a run's fingerprint: pruning decides how far a run goes, not what it learns, so a pruned
     run is found (and skipped) on a re-run, and a run trained fully under prune=none is the same run.
     """
 
-    name: PruneRule = PruneRule.none
+    _target_: str = "fashioncnn.job.pruning.NoneRule"
+    name: str = "none"
     warmup_epochs: int = 0  # median: epochs every run completes before it can be stopped
-    min_siblings: int = 3  # fewer siblings than this at an epoch (median) or rung (asha): go on
+    # median: fewer siblings than this at an epoch (grid) or finished trials (search): go on; asha (grid): at a rung
+    min_siblings: int = 3
     reduction_factor: int = 3  # asha: the top 1/reduction_factor of a rung is promoted
     min_epoch: int = 1  # asha: the first rung; rungs at min_epoch * reduction_factor**k below `epochs`
 
@@ -248,6 +263,31 @@ def fingerprint_neutral(node: Any = None, prefix: str = "") -> dict[str, Any]:
     return found
 
 
+def learned_params(params: Mapping[str, str]) -> dict[str, str]:
+    """A run's logged params as its fingerprint sees what it learned, of those `learns` keeps: no `_target_` (the
+    name says it), no key at the value it had before it existed, no constructor argument its option implied."""
+    neutral = {key: str(value) for key, value in fingerprint_neutral().items()}
+    implied = {f"{group}.{key}": str(value) for (group, name), values in IMPLIED_BY_NAME.items()
+               if params.get(f"{group}.name") == name for key, value in values.items()}
+    return {key: value for key, value in params.items()
+            if not key.endswith("._target_") and neutral.get(key) != value and implied.get(key) != value}
+
+
+def validate_component(group: str, node: Any) -> None:
+    """A component's `name` and `_target_` agree: a built-in name builds its own target, and a built-in target
+    is only reached through its name (a team's option has a name of its own)."""
+    targets, name, target = BUILT_IN_TARGETS[group], str(getattr(node.name, "value", node.name)), node._target_
+    choose = f"choose an option with {group}=<option> ({', '.join(targets)}, or a file of your own in conf/{group}/)"
+    if name in targets and target != targets[name]:
+        raise ConfigError(f"{group}._target_={target}: {group}.name={name} is the built-in option that builds {targets[name]}; "
+                          f"give your own option a name of its own, or {choose}")
+    if name not in targets and target in targets.values():
+        raise ConfigError(f"{group}.name={name}: names no option, only the one chosen; {choose}")
+    if group == "optim" and name in ("adam", "adamw") and node.momentum is not None:
+        raise ConfigError(f"optim.momentum={node.momentum}: not allowed with optim={name} ({target} has no momentum); "
+                          "use optim=sgd, or leave optim.momentum at null")
+
+
 def lower_is_better(metric: str) -> bool:
     """Which way a metric is better, the one rule of the package: losses and times down, everything else up."""
     return metric.endswith(("loss", "seconds"))
@@ -294,6 +334,8 @@ _RULES: dict[str, tuple[Any, str]] = {
                "one of auto, cpu, cuda, cuda:N"),
     "experiment": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty name"),
     "optim.lr": (lambda v: isinstance(v, float) and math.isfinite(v) and v > 0, "a number > 0"),
+    "optim.momentum": (lambda v: v is None or (isinstance(v, float) and 0 <= v < 1), "null (the optimizer's default) or a number from 0 to 1 (exclusive)"),
+    "optim.weight_decay": (lambda v: v is None or (isinstance(v, float) and v >= 0), "null (the optimizer's default) or a number >= 0"),
     "divergence.chance_acc": (lambda v: isinstance(v, float) and 0 <= v < 1, "a number from 0 to 1 (exclusive)"),
     "divergence.patience": (_positive_int, "an integer >= 1"),
     "divergence.check_every": (_positive_int, "an integer >= 1"),
@@ -329,6 +371,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not check(value):
             raise ConfigError(f"{key}={value}: not allowed, must be {allowed}")
+    for group in BUILT_IN_TARGETS:
+        validate_component(group, cfg[group])
     if cfg.subset is not None and cfg.subset > TRAIN_SET_SIZE - cfg.val_size:
         raise ConfigError(f"subset={cfg.subset}: not allowed with val_size={cfg.val_size}, at most "
                           f"{TRAIN_SET_SIZE - cfg.val_size} training images remain; lower subset, or val_size (0: no validation split)")

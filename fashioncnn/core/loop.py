@@ -23,9 +23,10 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
-from fashioncnn.core.config import Optimizer, OptimizerImpl, Schedule, lower_is_better
+from fashioncnn.core.config import lower_is_better
 from fashioncnn.core.data import MEAN, STD, FashionMNIST
 from fashioncnn.core.machine import reuse_freed_memory, training_network, use_bf16
+from fashioncnn.core.optimization import make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -156,43 +157,12 @@ def augment(images: torch.Tensor, flip: bool, shift: int, generator: torch.Gener
     return images
 
 
-def make_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The learning-rate schedule over `steps` training steps (stepped once per batch); None for constant."""
-    name = Schedule(cfg.schedule.name)
-    if name is Schedule.onecycle:
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.lr, total_steps=steps,
-                                                   pct_start=cfg.schedule.pct_start)
-    if name is Schedule.cosine:
-        warmup = min(steps - 1, round(cfg.schedule.warmup_epochs * steps / cfg.epochs))
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return None
-
-
 def improves(select_metric: str, candidate: EpochMetrics, best: EpochMetrics | None) -> bool:
     """Whether `candidate` beats `best` on the selection metric (accuracies up, losses down; ties keep the earlier)."""
     if best is None:
         return True
     new, old = getattr(candidate, select_metric), getattr(best, select_metric)
     return new < old if lower_is_better(select_metric) else new > old
-
-
-def make_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    name, lr = Optimizer(cfg.optim.name), cfg.optim.lr
-    # fused: one kernel updates every parameter in a single pass, with no temporaries (foreach allocates
-    # full-size intermediates each step; on M1.3's 24.6M parameters that is most of the step on CPU).
-    impl = OptimizerImpl(cfg.speed.optimizer_impl)
-    kind = {"fused": True} if impl is OptimizerImpl.fused else {"foreach": impl is OptimizerImpl.foreach}
-    if name is Optimizer.adam:
-        return torch.optim.Adam(model.parameters(), lr=lr, **kind)
-    if name is Optimizer.adamw:
-        return torch.optim.AdamW(model.parameters(), lr=lr, **kind)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, **kind)
 
 
 @torch.inference_mode()

@@ -133,7 +133,7 @@ def run_name(cfg: Any) -> str:
     """The model's name, plus the training options that are not at their defaults (the study's runs: just the model)."""
     suffix = "+flip" if cfg.augment.flip else ""
     suffix += f"+shift{cfg.augment.shift}" if cfg.augment.shift else ""
-    schedule = getattr(cfg.schedule.name, "value", cfg.schedule.name)
+    schedule = str(cfg.schedule.name)
     suffix += f"+{schedule}" if schedule != "constant" else ""
     suffix += f"+ls{cfg.label_smoothing:g}" if cfg.label_smoothing else ""
     return ModelSpec.from_config(cfg.model).name + suffix

@@ -23,7 +23,6 @@ class TrialRef:
     study: str
     storage: str
     trial_id: int
-    pruner: str  # the study's pruner, as fashioncnn.job.optuna_trial.make_optuna_pruner builds it
 
 
 @dataclass(frozen=True)

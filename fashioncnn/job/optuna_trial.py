@@ -1,14 +1,15 @@
 """The job's side of an Optuna trial: report the selection metric after each epoch, stop when Optuna prunes.
 
-A job launched by `hydra/sweeper=optuna` finds its study, storage, trial and pruner in its decision
-(fashioncnn.job.decision.TrialRef, put there by fashioncnn.sweep.search). It opens the study's RDB storage
-itself, so reports and pruning decisions go through the shared storage from any worker (joblib,
-submitit), and Optuna's pruner compares the trial with the study's other trials at the same epoch.
+A job launched by `hydra/sweeper=optuna` finds its study, storage and trial in its decision
+(fashioncnn.job.decision.TrialRef, put there by fashioncnn.sweep.search), and its pruning rule in its
+config (`prune`, as the sweeper's study has it). It opens the study's RDB storage itself, so reports and
+pruning decisions go through the shared storage from any worker (joblib, submitit), and Optuna's pruner
+compares the trial with the study's other trials at the same epoch.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
 import optuna
 
@@ -20,17 +21,6 @@ if TYPE_CHECKING:
 
 
 
-def make_optuna_pruner(spec: str) -> optuna.pruners.BasePruner:
-    """The study's pruner from its spec (search.Settings.pruner_spec), the same in the sweeper and in every job."""
-    kind, min_epochs, startup_trials, reduction_factor = spec.split(":")
-    if kind == "median":
-        # Optuna's MedianPruner judges a step from n_warmup_steps on: epochs before min_epochs are never judged.
-        return optuna.pruners.MedianPruner(n_startup_trials=int(startup_trials), n_warmup_steps=int(min_epochs))
-    if kind == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=int(min_epochs), reduction_factor=int(reduction_factor))
-    return optuna.pruners.NopPruner()
-
-
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """The study's RDB storage."""
     # Jobs report each epoch to the same sqlite file the sweeper reads: wait for its lock rather than fail.
@@ -38,16 +28,26 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
-class OptunaTrialPruner:
-    """Reports `select_metric` per epoch to the trial (step = epoch); its reason when the study's pruner says stop."""
+class Rule(Protocol):
+    """A pruning rule (fashioncnn.job.pruning): its name and Optuna's pruner for it."""
 
-    def __init__(self, trial: TrialRef, select_metric: str, run_id: str,
+    name: str
+
+    def optuna_pruner(self) -> optuna.pruners.BasePruner: ...
+
+
+class OptunaTrialPruner:
+    """Reports `select_metric` per epoch to the trial (step = epoch); its reason when the study's pruner says stop.
+
+    Never after the last epoch, as in a grid: the training is done, and the trial ends COMPLETE.
+    """
+
+    def __init__(self, trial: TrialRef, rule: Rule, select_metric: str, epochs: int, run_id: str,
                  set_tags: Callable[[Mapping[str, str]], None] | None = None) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.load_study(study_name=trial.study, storage=open_storage(trial.storage),
-                                  pruner=make_optuna_pruner(trial.pruner))
+        study = optuna.load_study(study_name=trial.study, storage=open_storage(trial.storage), pruner=rule.optuna_pruner())
         self.trial = optuna.trial.Trial(study, trial.trial_id)
-        self.metric, self.pruner, self.run_id = select_metric, trial.pruner.split(":", 1)[0], run_id
+        self.metric, self.pruner, self.epochs, self.run_id = select_metric, rule.name, epochs, run_id
         self.trial.set_user_attr("mlflow_run_id", run_id)
         if set_tags is not None:
             set_tags({STUDY_TAG: trial.study, TRIAL_TAG: str(self.trial.number)})
@@ -69,6 +69,6 @@ class OptunaTrialPruner:
         if value is None:
             return None
         self.trial.report(float(value), metrics.epoch)
-        if self.pruner != "none" and self.trial.should_prune():
+        if self.pruner != "none" and metrics.epoch < self.epochs and self.trial.should_prune():
             return f"optuna {self.pruner} pruner at epoch {metrics.epoch}: {self.metric} {value:.4f} (trial #{self.trial.number})"
         return None

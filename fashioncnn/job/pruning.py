@@ -3,7 +3,12 @@
 A pruned run ends FINISHED with `pruned=true` and its reason as tags (fashioncnn.job.tracked_run); it counts as done on a
 re-run and is never picked by retrain or the registry (fashioncnn.tracking.queries.selectable).
 
-The pruners compare a run with its siblings: the other runs of the same sweep (the `sweep_id` tag, in
+The rule is the `prune` config group's option (none, median, asha), built by instantiate from its
+`_target_` (NoneRule, MedianRule, AshaRule below): one set of keys, applied in two places. A search's
+trial (hydra/sweeper=optuna) is judged by Optuna's pruner of the same rule, through the study
+(fashioncnn.job.optuna_trial); a grid's job by the rule's store pruner, below.
+
+The store pruners compare a run with its siblings: the other runs of the same sweep (the `sweep_id` tag, in
 the same experiment), read from the tracking store. So they work alike with every launcher and across
 machines: whatever ran a sibling, its per-epoch metrics are in the store. With the basic launcher the
 siblings of job k are jobs 0..k-1, all ended, so the decisions depend on the grid's order alone.
@@ -18,11 +23,14 @@ from __future__ import annotations
 
 import statistics
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
+import optuna
 from mlflow.entities import Run
 from omegaconf import DictConfig
 
+from fashioncnn.core.components import build
 from fashioncnn.core.config import lower_is_better
 from fashioncnn.job import optuna_trial
 from fashioncnn.job.decision import Decision
@@ -230,52 +238,98 @@ class AshaPruner(_SiblingPruner):
                 f"(needs {'<=' if self.lower else '>='} {threshold:.4f})")
 
 
-def make_pruner(cfg: DictConfig, run_id: str, decision: Decision | None = None, set_tags: TagSink | None = None) -> Pruner:
-    """The pruners that `cfg` and the job's decision ask for, for the run `run_id`: an Optuna trial's
-    (hydra/sweeper=optuna), which also reports each epoch to its study, and `cfg.prune`'s, from the sweep's
-    runs in the store; the first that says stop stops the run. Outside a sweep, none. Their tags go to
-    `set_tags` (the job's run)."""
-    pruners: list[Pruner] = []
-    if decision is not None and decision.trial is not None:
-        select_metric = str(getattr(cfg.select_metric, "value", cfg.select_metric))
-        pruners.append(optuna_trial.OptunaTrialPruner(decision.trial, select_metric, run_id, set_tags))
-    if decision is not None and (siblings := _sibling_pruner(cfg, run_id, decision, set_tags)) is not None:
-        pruners.append(siblings)
-    if not pruners:
-        return NeverPrune()
-    return pruners[0] if len(pruners) == 1 else FirstToStop(pruners)
+@dataclass(frozen=True)
+class NoneRule:
+    """prune=none: every run trains to its last epoch."""
 
+    name = "none"
 
-class FirstToStop:
-    """Every pruner hears every epoch (an Optuna trial must report each one); the first reason stops the run."""
+    def study_key(self) -> str:
+        return "none:1:2:3"  # a search's study name rests on it: the same command finds the same study
 
-    def __init__(self, pruners: list[Pruner]) -> None:
-        self.pruners = pruners
-
-    def restored(self, history: list[EpochMetrics]) -> None:
-        for pruner in self.pruners:
-            pruner.restored(history)
-
-    def after_epoch(self, metrics: EpochMetrics) -> str | None:
-        reasons = [pruner.after_epoch(metrics) for pruner in self.pruners]
-        return next((reason for reason in reasons if reason), None)
-
-
-def _sibling_pruner(cfg: DictConfig, run_id: str, decision: Decision, set_tags: TagSink | None) -> Pruner | None:
-    """`cfg.prune`'s rule over the sweep's runs in the store; None for prune=none or outside a sweep."""
-    rule = getattr(cfg.prune.name, "value", cfg.prune.name)
-    if rule == "none" or not decision.sweep_id:
+    def store_pruner(self, run_id: str, epochs: int, metric: str, siblings: Siblings, set_tags: TagSink | None) -> Pruner | None:
         return None
-    metric = getattr(cfg.select_metric, "value", cfg.select_metric)
+
+    def optuna_pruner(self) -> optuna.pruners.BasePruner:
+        return optuna.pruners.NopPruner()
+
+    def describe(self) -> str:
+        return "none"
+
+
+@dataclass(frozen=True)
+class MedianRule:
+    """prune=median: stop a run whose best so far falls below the median of the others at the same epoch.
+
+    In a grid the others are its sweep's runs in the store; in a search, Optuna's MedianPruner over the
+    study's trials (n_startup_trials=min_siblings finished trials, from epoch warmup_epochs + 1)."""
+
+    warmup_epochs: int = 0
+    min_siblings: int = 3
+    name = "median"
+
+    def store_pruner(self, run_id: str, epochs: int, metric: str, siblings: Siblings, set_tags: TagSink | None) -> Pruner | None:
+        return MedianPruner(run_id, epochs, metric, siblings, set_tags, self.warmup_epochs, self.min_siblings)
+
+    def optuna_pruner(self) -> optuna.pruners.BasePruner:
+        # Optuna judges steps from n_warmup_steps on, the store's rule epochs past warmup_epochs (step = epoch).
+        return optuna.pruners.MedianPruner(n_startup_trials=self.min_siblings, n_warmup_steps=self.warmup_epochs + 1)
+
+    def study_key(self) -> str:
+        return f"median:{self.warmup_epochs + 1}:{self.min_siblings}:3"
+
+    def describe(self) -> str:
+        return f"median (from epoch {self.warmup_epochs + 1}, once {self.min_siblings} others reached it)"
+
+
+@dataclass(frozen=True)
+class AshaRule:
+    """prune=asha: asynchronous successive halving, rungs at min_epoch * reduction_factor**k.
+
+    In a grid at each rung only the top 1/reduction_factor of the sweep's runs there go on (with fewer
+    than min_siblings others there, every run goes on); in a search, Optuna's SuccessiveHalvingPruner
+    (min_resource=min_epoch, the same reduction_factor)."""
+
+    reduction_factor: int = 3
+    min_epoch: int = 1
+    min_siblings: int = 2
+    name = "asha"
+
+    def store_pruner(self, run_id: str, epochs: int, metric: str, siblings: Siblings, set_tags: TagSink | None) -> Pruner | None:
+        return AshaPruner(run_id, epochs, metric, siblings, set_tags, self.reduction_factor, self.min_epoch, self.min_siblings)
+
+    def optuna_pruner(self) -> optuna.pruners.BasePruner:
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=self.min_epoch, reduction_factor=self.reduction_factor)
+
+    def study_key(self) -> str:
+        return f"asha:{self.min_epoch}:2:{self.reduction_factor}"
+
+    def describe(self) -> str:
+        return f"asha (successive halving: first rung at epoch {self.min_epoch}, reduction factor {self.reduction_factor})"
+
+
+PruningRule = NoneRule | MedianRule | AshaRule
+
+
+def pruning_rule(prune: DictConfig) -> PruningRule:
+    """The rule of a config's `prune` node (conf/prune), built by instantiate from its `_target_`."""
+    return build("prune", prune)
+
+
+def make_pruner(cfg: DictConfig, run_id: str, decision: Decision | None = None, set_tags: TagSink | None = None) -> Pruner:
+    """`cfg.prune`'s rule as this job applies it to the run `run_id`: through its Optuna trial in a search
+    (hydra/sweeper=optuna: the trial also hears every epoch), else against the sweep's runs in the store;
+    outside a sweep, never. Its tags go to `set_tags` (the job's run)."""
+    if decision is None:
+        return NeverPrune()
+    rule, metric = pruning_rule(cfg.prune), str(getattr(cfg.select_metric, "value", cfg.select_metric))
+    if decision.trial is not None:
+        return optuna_trial.OptunaTrialPruner(decision.trial, rule, metric, cfg.epochs, run_id, set_tags)
+    if not decision.sweep_id:
+        return NeverPrune()
     store = stores.store(stores.resolve_tracking_uri(cfg))
     siblings = Siblings(store, decision.experiment_id, decision.sweep_id, run_id, decision.fingerprint, metric)
-    if rule == "median":
-        return MedianPruner(run_id, cfg.epochs, metric, siblings, set_tags,
-                            warmup_epochs=cfg.prune.warmup_epochs, min_siblings=cfg.prune.min_siblings)
-    if rule == "asha":
-        return AshaPruner(run_id, cfg.epochs, metric, siblings, set_tags, reduction_factor=cfg.prune.reduction_factor,
-                          min_epoch=cfg.prune.min_epoch, min_siblings=cfg.prune.min_siblings)
-    raise ValueError(f"prune={rule}: no such pruner; available: none, median, asha")
+    return rule.store_pruner(run_id, cfg.epochs, metric, siblings, set_tags) or NeverPrune()
 
 
 def saved_seconds(epochs: int, pruned_epoch: int, train_seconds: float) -> float:

@@ -29,8 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, n_trials: int = 20, sampler: str = "tpe", seed: Optional[int] = 0, pruner: str = "none",
-                 min_epochs: int = 1, startup_trials: int = 2, reduction_factor: int = 3, n_jobs: int = 1,
+    def __init__(self, n_trials: int = 20, sampler: str = "tpe", seed: Optional[int] = 0, n_jobs: int = 1,
                  storage: Optional[str] = None, search: Optional[str] = None) -> None:
         # The settings were read and checked when the search was planned (fashioncnn.sweep.search.Settings);
         # `search` is the search under way as a value (fashioncnn.sweep.search.Search.to_json).

@@ -112,8 +112,9 @@ class GroupChoices:
         self.groups = [g for g in reversed(list(base.hydra.runtime.choices)) if not g.startswith("hydra") and g not in NOT_CARRIED]
         loader = GlobalHydra.instance().config_loader()
         self.owned: set[str] = set()
+        self.options = {group: loader.get_group_options(group) for group in self.groups}
         for group in self.groups:
-            flats = [self._compose([ov.group_override(group, [option])]) for option in loader.get_group_options(group)]
+            flats = [self._compose([ov.group_override(group, [option])]) for option in self.options[group]]
             self.owned |= {key for key in flats[0] if len({repr(f.get(key)) for f in flats}) > 1}
 
     def close(self) -> None:
@@ -124,6 +125,9 @@ class GroupChoices:
         from omegaconf import OmegaConf
 
         choices = {g: run.data.tags[f"group.{g}"] for g in self.groups if f"group.{g}" in run.data.tags}
+        for group in set(ov.COMPONENT_GROUPS) & set(self.groups) - set(choices):  # a run from before the group existed
+            if str(config.get(f"{group}.name")) in self.options[group]:
+                choices[group] = str(config[f"{group}.name"])
         try:
             from_groups = self._compose([ov.group_override(g, [o]) for g, o in choices.items()])
         except Exception as error:

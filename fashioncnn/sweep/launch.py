@@ -81,15 +81,20 @@ def run(plan: Plan) -> int:
     print(f"sweep {parent.sweep_id}: {len(plan.jobs)} jobs, {len(plan.jobs) - len(plan.to_run) - elsewhere} already finished"
           + (f", {elsewhere} running elsewhere" if elsewhere else "")
           + (" (re-attached to its parent run)" if parent.reattached else ""), flush=True)
-    interrupted = None
+    interrupted = launch(parent, [*plan.args, jobs_override(jobs)])
+    return close_sweep(plan, parent, experiment_ids, interrupted, first.tracking_uri)
+
+
+def launch(parent: ParentRun, hydra_args: list[str]) -> KeyboardInterrupt | None:
+    """Hydra runs the sweeper (the plan's jobs, or a search) under the parent run; the interruption, if one came."""
     try:
-        run_hydra([*plan.args, jobs_override(jobs)])
-    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM
-        interrupted = stop
+        run_hydra(hydra_args)
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the runs still going end KILLED, with their checkpoints
         parent.kill_unfinished_jobs()
+        return stop
     except SystemExit:  # Hydra reports a launcher failure itself and exits; the summary still follows
         pass
-    return close_sweep(plan, parent, experiment_ids, interrupted, first.tracking_uri)
+    return None
 
 
 def close_sweep(plan: Plan, parent: ParentRun, experiment_ids: Mapping[tuple[str, str], str],

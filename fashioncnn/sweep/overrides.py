@@ -122,7 +122,8 @@ def rewrite(args: Sequence[str], options: Mapping[str, Sequence[str]]) -> tuple[
     `options` maps each config group to its option names (every source on the search path). Raises
     ConfigError for a sweep that cannot name options (interval(...) on a group, an empty glob).
     """
-    rewritten, notices, skip_next = [], [], False
+    args, notices = _legacy_pruning(args)
+    rewritten, skip_next = [], False
     for arg in args:
         if skip_next or arg.startswith("-"):
             skip_next = arg in FLAGS_WITH_VALUE
@@ -135,7 +136,12 @@ def rewrite(args: Sequence[str], options: Mapping[str, Sequence[str]]) -> tuple[
             rewritten.append(arg)
             continue
         key = override.key_or_group
-        if key in options:
+        group = key.removesuffix(".name")
+        if key.endswith(".name") and group in COMPONENT_GROUPS and group in options and override.package is None:
+            new = f"{group}={arg.split('=', 1)[1]}"
+            notices.append(f"{arg} is now spelled {new} ({group} is a config group of its options); the old spelling goes in the next release")
+            arg, override, key = new, _parse(new), group
+        if key in options and override is not None:
             rewritten.append(_rewrite_group(arg, override, options[key]))
         elif key in LEGACY_SPEED_KEYS and override.package is None:
             new = arg.replace(key, LEGACY_SPEED_KEYS[key], 1)
@@ -144,6 +150,41 @@ def rewrite(args: Sequence[str], options: Mapping[str, Sequence[str]]) -> tuple[
         else:
             rewritten.append(arg)
     return rewritten, notices
+
+
+# Groups whose options build a component (fashioncnn.core.components); `<group>.name=X` once chose one.
+COMPONENT_GROUPS = ("optim", "schedule", "prune")
+
+# The Optuna sweeper's own pruning keys of before, now the prune group's: old key -> prune key.
+_SWEEPER_PRUNING = {"startup_trials": "min_siblings", "reduction_factor": "reduction_factor"}
+
+
+def _legacy_pruning(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """hydra.sweeper.pruner/min_epochs/startup_trials/reduction_factor as the prune group's keys, meaning what
+    they meant (the sweeper's defaults then: min_epochs=1, startup_trials=2), with a notice."""
+    legacy = {}
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.startswith("hydra.sweeper.") and key[len("hydra.sweeper."):] in ("pruner", "min_epochs", *_SWEEPER_PRUNING):
+            legacy[key[len("hydra.sweeper."):]] = (arg, value)
+    if not legacy:
+        return list(args), []
+    if "min_epochs" in legacy and not (legacy["min_epochs"][1].isdigit() and int(legacy["min_epochs"][1]) >= 1):
+        raise ConfigError(f"{legacy['min_epochs'][0]}: must be an integer >= 1 (better spelled prune.warmup_epochs or prune.min_epoch)")
+    rule = legacy["pruner"][1] if "pruner" in legacy else "none"
+    rule = {"successive_halving": "asha", "sha": "asha"}.get(rule, rule)
+    new = [f"prune={rule}"] if "pruner" in legacy else []
+    if rule == "median":
+        # min_epochs=m let Optuna judge from epoch m on: the epochs before it are the warm-up
+        new += [f"prune.warmup_epochs={int(legacy['min_epochs'][1]) - 1 if 'min_epochs' in legacy else 0}",
+                f"prune.min_siblings={legacy['startup_trials'][1] if 'startup_trials' in legacy else 2}"]
+    elif rule == "asha":
+        new += [f"prune.min_epoch={legacy['min_epochs'][1] if 'min_epochs' in legacy else 1}"]
+        new += [f"prune.reduction_factor={legacy['reduction_factor'][1]}"] if "reduction_factor" in legacy else []
+    old = [arg for arg, _ in legacy.values()]
+    notice = (f"{' '.join(old)} is now spelled {' '.join(new) or '(nothing: no pruner chosen)'} (one set of pruning keys "
+              "for grids and searches, the prune group); the old spelling goes in the next release")
+    return [arg for arg in args if arg not in old] + new, [notice]
 
 
 def _rewrite_group(arg: str, override: Override, options: Sequence[str]) -> str:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from fashioncnn.core.config import ConfigError, fingerprint_neutral, nested_not_learned_keys, not_learned_keys
+from fashioncnn.core.config import IMPLIED_BY_NAME, ConfigError, fingerprint_neutral, nested_not_learned_keys, not_learned_keys
 from fashioncnn.core.model import run_name
 from fashioncnn.job import lease
 from fashioncnn.sweep import overrides as ov
@@ -40,6 +40,15 @@ def fingerprint(cfg: DictConfig) -> str:
     assert isinstance(content, dict)
     for key in not_learned_keys():
         content.pop(key, None)
+    for node in content.values():  # a component's name says what it builds
+        if isinstance(node, dict):
+            node.pop("_target_", None)
+    for (group, name), implied in IMPLIED_BY_NAME.items():
+        node = content.get(group, {})
+        if node.get("name") == name:
+            for key, value in implied.items():
+                if node.get(key) == value:
+                    del node[key]
     for key in nested_not_learned_keys():
         parent, leaf = key.split(".")
         content.get(parent, {}).pop(leaf, None)

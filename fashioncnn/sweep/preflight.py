@@ -18,8 +18,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from fashioncnn.core import sources
-from fashioncnn.core.config import Config, ConfigError, register_schema, validate
+from fashioncnn.core import components, sources
+from fashioncnn.core.config import BUILT_IN_TARGETS, Config, ConfigError, register_schema, validate
 from fashioncnn.core.model import ModelSpec
 from fashioncnn.sweep import overrides as ov
 
@@ -74,6 +74,9 @@ def check_job(cfg: DictConfig) -> None:
     """A composed job's keys, values and model, checked (raises; explain() makes the one line)."""
     _check_unknown_keys(cfg)
     validate(cfg)
+    for group, targets in BUILT_IN_TARGETS.items():  # a team's own component: its module loads here, not in a failed job
+        if cfg[group]._target_ not in targets.values():
+            components.check(group, cfg[group])
     ModelSpec.from_config(cfg.model).check_feasible()
 
 
@@ -117,7 +120,9 @@ def known_keys(node: Any = None, prefix: str = "") -> list[str]:
     node = OmegaConf.structured(Config) if node is None else node
     keys = []
     for key, value in node.items():
-        keys += known_keys(value, f"{prefix}{key}.") if isinstance(value, DictConfig) else [f"{prefix}{key}"]
+        # a component's `options` are its own target's arguments: any key (fashioncnn.core.components checks them)
+        nested = isinstance(value, DictConfig) and key != "options"
+        keys += known_keys(value, f"{prefix}{key}.") if nested else [f"{prefix}{key}"]
     return keys
 
 

@@ -51,12 +51,12 @@ from fashioncnn.core import sources
 from fashioncnn.core.config import ConfigError, lower_is_better, register_schema
 from fashioncnn.core.model import run_name
 from fashioncnn.job import lease
-from fashioncnn.job.app import run_hydra
 from fashioncnn.job.decision import TrialRef, literal
-from fashioncnn.job.optuna_trial import make_optuna_pruner, open_storage
+from fashioncnn.job.optuna_trial import open_storage
+from fashioncnn.job.pruning import PruningRule, pruning_rule
 from fashioncnn.sweep import overrides as ov
 from fashioncnn.sweep import preflight
-from fashioncnn.sweep.launch import close_sweep, decision
+from fashioncnn.sweep.launch import close_sweep, decision, launch
 from fashioncnn.sweep.overrides import SWEEPER_OVERRIDE
 from fashioncnn.sweep.parent import ParentRun
 from fashioncnn.sweep.plan import Plan, PlannedJob, decide, fingerprint, store_error
@@ -67,7 +67,6 @@ from fashioncnn.tracking.secrets import mask_secrets
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = {"none": "none", "median": "median", "asha": "asha", "successive_halving": "asha", "sha": "asha"}
 # A study ranks trials by one metric in one experiment of one store: these cannot vary between trials.
 NOT_SEARCHABLE = ("experiment", "tracking_uri", "select_metric")
 STORAGE_FILE = "optuna.db"
@@ -238,10 +237,6 @@ class Settings:
     n_trials: int = 20
     sampler: str = "tpe"
     seed: int | None = 0
-    pruner: str = "none"
-    min_epochs: int = 1
-    startup_trials: int = 2
-    reduction_factor: int = 3
     n_jobs: int = 1
     storage: str | None = None
 
@@ -249,31 +244,15 @@ class Settings:
     def from_config(cls, node: Mapping[str, Any]) -> Settings:
         known = {k: node[k] for k in cls.__dataclass_fields__ if k in node}
         settings = cls(**known)
-        for key in ("n_trials", "n_jobs", "min_epochs", "startup_trials"):
+        for key in ("n_trials", "n_jobs"):
             value = getattr(settings, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "startup_trials" else 1):
-                raise ConfigError(f"hydra.sweeper.{key}={value}: must be an integer >= {0 if key == 'startup_trials' else 1}")
-        if not isinstance(settings.reduction_factor, int) or settings.reduction_factor < 2:
-            raise ConfigError(f"hydra.sweeper.reduction_factor={settings.reduction_factor}: must be an integer >= 2")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"hydra.sweeper.{key}={value}: must be an integer >= 1")
         if settings.sampler not in SAMPLERS:
             raise ConfigError(f"hydra.sweeper.sampler={settings.sampler}: allowed: {', '.join(SAMPLERS)}")
-        if str(settings.pruner) not in PRUNERS:
-            raise ConfigError(f"hydra.sweeper.pruner={settings.pruner}: allowed: none, median, asha (successive halving)")
-        settings.pruner = PRUNERS[str(settings.pruner)]
         if settings.seed is not None and (not isinstance(settings.seed, int) or isinstance(settings.seed, bool)):
             raise ConfigError(f"hydra.sweeper.seed={settings.seed}: must be an integer or null")
         return settings
-
-    def pruner_spec(self) -> str:
-        """The pruner as one string, for the jobs (make_optuna_pruner builds it again there)."""
-        return f"{self.pruner}:{self.min_epochs}:{self.startup_trials}:{self.reduction_factor}"
-
-    def describe_pruner(self) -> str:
-        if self.pruner == "median":
-            return f"median (after {self.startup_trials} finished trials, from epoch {self.min_epochs})"
-        if self.pruner == "asha":
-            return f"asha (successive halving: first rung at epoch {self.min_epochs}, reduction factor {self.reduction_factor})"
-        return "none"
 
 
 def storage_url(requested: str | None, tracking_uri: str) -> str:
@@ -316,6 +295,11 @@ class SearchPlan:
     def direction(self) -> str:
         return "minimize" if lower_is_better(self.metric) else "maximize"
 
+    @property
+    def rule(self) -> PruningRule:
+        """The search's pruning rule: its jobs' `prune` (one for the whole study)."""
+        return pruning_rule(self.base.prune)
+
     def to_value(self) -> dict[str, Any]:
         """The plan as plain data (JSON), for the sweeper that runs it."""
         return {"args": self.args, "typed": self.typed, "fixed": self.fixed, "settings": asdict(self.settings),
@@ -348,7 +332,7 @@ class SearchPlan:
         done = self.counts.get("COMPLETE", 0) + self.counts.get("PRUNED", 0)
         seed = f" (seed {self.settings.seed})" if self.settings.seed is not None else ""
         lines = [f"optuna search, study {self.study_name} in {mask_secrets(self.storage)}",
-                 f"sampler {self.settings.sampler}{seed}, pruner {self.settings.describe_pruner()}, "
+                 f"sampler {self.settings.sampler}{seed}, pruner {self.rule.describe()}, "
                  f"n_trials {self.settings.n_trials}, {self.settings.n_jobs} per batch, {self.direction} {self.metric}",
                  "search space:", *(f"  {p.describe()}" for p in self.space),
                  f"fixed: {ov.display_all(self.fixed) or '(defaults)'}"]
@@ -376,12 +360,12 @@ def grid_space(space: Sequence[Param]) -> dict[str, list[Any]]:
     return grid
 
 
-def _study_name(space: Sequence[Param], fixed: Sequence[str], settings: Settings, experiment: str) -> str:
+def _study_name(space: Sequence[Param], fixed: Sequence[str], settings: Settings, rule: PruningRule, experiment: str) -> str:
     """What the study searches, how, and with which fixed overrides: the same command, the same study."""
     identity = {
         "space": {p.name: repr(p.distribution) for p in space},
         "fixed": sorted(ov.display(o) for o in fixed),
-        "sampler": settings.sampler, "seed": settings.seed, "pruner": settings.pruner_spec(),
+        "sampler": settings.sampler, "seed": settings.seed, "pruner": rule.study_key(),
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return f"{experiment}-{digest}"
@@ -404,6 +388,8 @@ def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequen
         raise ConfigError(f"{SWEEPER_OVERRIDE}: the preset's hydra.sweeper.params ({', '.join(sweeper_node['params'])}) is a grid; "
                           "give a search space on the command line instead, e.g. conv=1,2,3 'optim.lr=interval(1e-4,1e-2)'")
     settings = Settings.from_config(sweeper_node)
+    if swept := [p.typed for p in space if p.name.lstrip("+~").split(".", 1)[0] == "prune"]:
+        raise ConfigError(f"{swept[0]}: a search has one pruning rule (its study's pruner); choose one, e.g. prune=median")
     if settings.sampler == "grid":
         grid_space(space)
     fixed = _job_overrides(args)
@@ -428,7 +414,7 @@ def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequen
         stores.store(uri).check_reachable()
     except OSError as error:
         raise store_error(uri, base.experiment, error) from error
-    name = _study_name(space, fixed, settings, base.experiment)
+    name = _study_name(space, fixed, settings, pruning_rule(base.prune), base.experiment)
     search = SearchPlan(list(args), list(typed), space, fixed, settings, base, uri, storage, name, plan_metric_of(base))
     search.counts = _existing_counts(storage, name)
     return search
@@ -523,7 +509,7 @@ class Search:
 
     def launch_overrides(self, job: PlannedJob, trial: optuna.Trial) -> list[str]:
         """The trial's job as the launcher gets it: its overrides and its decision, with the trial it reports to."""
-        trial_ref = TrialRef(self.plan.study_name, self.plan.storage, trial._trial_id, self.plan.settings.pruner_spec())
+        trial_ref = TrialRef(self.plan.study_name, self.plan.storage, trial._trial_id)
         return [*job.overrides, decision(job, self.experiment_id, self.sweep_id, self.parent_run_id, trial_ref).override()]
 
     def to_json(self) -> str:
@@ -664,7 +650,7 @@ def open_study(plan: SearchPlan) -> optuna.Study:
         return optuna.create_study(
             study_name=plan.study_name, storage=open_storage(plan.storage), direction=plan.direction,
             sampler=_sampler(plan.settings, plan.space, sum(plan.counts.values())),
-            pruner=make_optuna_pruner(plan.settings.pruner_spec()), load_if_exists=True)
+            pruner=plan.rule.optuna_pruner(), load_if_exists=True)
     except Exception as error:
         raise ConfigError(f"Optuna storage {mask_secrets(plan.storage)} cannot be used: {str(error).splitlines()[0]}") from error
 
@@ -694,14 +680,7 @@ def run(search_plan: SearchPlan) -> int:
     print(f"search {parent.sweep_id}: study {search_plan.study_name}, {done} of {search_plan.target()} trials already done"
           + (f", {recovered} interrupted trial(s) queued again" if recovered else "")
           + (" (re-attached to its parent run)" if parent.reattached else ""), flush=True)
-    interrupted = None
-    try:
-        run_hydra([*search_plan.args, f"{SEARCH_KEY}={literal(search.to_json())}"])
-    except KeyboardInterrupt as stop:
-        interrupted = stop
-        parent.kill_unfinished_jobs()
-    except SystemExit:
-        pass
+    interrupted = launch(parent, [*search_plan.args, f"{SEARCH_KEY}={literal(search.to_json())}"])
     rejected = search.rejected(before)
     for line in rejected:
         print(line, flush=True)

@@ -21,10 +21,10 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fashioncnn.core.config import lower_is_better
+from fashioncnn.core.config import learned_params, lower_is_better
 from fashioncnn.tracking.names import DIVERGED_TAG, PARENT_TAG, PRUNED_TAG, ROLE_TAG, SWEEP_TAG
 from fashioncnn.tracking.secrets import mask_secrets
-from fashioncnn.tracking.stores import resolve_tracking_uri, sqlite_path
+from fashioncnn.tracking.stores import resolve_tracking_uri, search_all, sqlite_path
 
 # "auto": the metric the runs' own select_metric ranks by (best_val_acc by default; the study's runs and
 # runs from before validation splits: max_test_acc).
@@ -80,16 +80,6 @@ class Selection:
         return next(iter(self.parents.values())) if len(self.parents) == 1 else None
 
 
-def _search(client: MlflowClient, experiment_ids: list[str], filter_string: str = "") -> list[Run]:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string, ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def _quote(value: str) -> str:
     return "'" + value.replace("'", "\\'") + "'"
 
@@ -116,7 +106,7 @@ def _with_parents(client: MlflowClient, description: str, runs: Iterable[Run], p
     known = {p.data.tags.get(SWEEP_TAG) for p in parents.values()}
     missing = sweep_ids - known
     if missing and jobs:
-        for parent in _search(client, sorted({r.info.experiment_id for r in jobs}), f"tags.`{ROLE_TAG}` = 'parent'"):
+        for parent in search_all(client, sorted({r.info.experiment_id for r in jobs}), f"tags.`{ROLE_TAG}` = 'parent'"):
             if parent.data.tags.get(SWEEP_TAG) in missing:
                 parents[parent.info.run_id] = parent
     return Selection(description, jobs, parents)
@@ -126,10 +116,10 @@ def select(client: MlflowClient, source: str) -> Selection:
     """The runs an experiment name, a sweep id or a run id stands for (ResultsError when none matches)."""
     experiment = client.get_experiment_by_name(source)
     if experiment is not None:
-        return _with_parents(client, f"experiment {source}", _search(client, [experiment.experiment_id]), {})
+        return _with_parents(client, f"experiment {source}", search_all(client, [experiment.experiment_id]), {})
     experiment_ids = _experiment_ids(client)
     if experiment_ids:
-        found = _search(client, experiment_ids, f"tags.{SWEEP_TAG} = {_quote(source)}")
+        found = search_all(client, experiment_ids, f"tags.{SWEEP_TAG} = {_quote(source)}")
         if found:
             return _with_parents(client, f"sweep {source}", found, {})
     if _RUN_ID.match(source):
@@ -139,9 +129,9 @@ def select(client: MlflowClient, source: str) -> Selection:
             run = None
         if run is not None and is_parent(run):
             ids = [run.info.experiment_id]
-            children = _search(client, ids, f"tags.`{PARENT_TAG}` = {_quote(source)}")
+            children = search_all(client, ids, f"tags.`{PARENT_TAG}` = {_quote(source)}")
             if SWEEP_TAG in run.data.tags:
-                children += _search(client, ids, f"tags.{SWEEP_TAG} = {_quote(run.data.tags[SWEEP_TAG])}")
+                children += search_all(client, ids, f"tags.{SWEEP_TAG} = {_quote(run.data.tags[SWEEP_TAG])}")
             unique = {r.info.run_id: r for r in children if r.info.run_id != source}
             return _with_parents(client, f"parent run {source}", unique.values(), {source: run})
         if run is not None:
@@ -188,7 +178,7 @@ def not_config(param: str) -> bool:
 def configuration(run: Run) -> tuple:
     """What a run trained, seed aside: runs with the same configuration are the same experiment, other seeds.
     A run that logged no config (made elsewhere) is a configuration of its own."""
-    learned = tuple(sorted((k, v) for k, v in run.data.params.items() if not not_config(k)))
+    learned = tuple(sorted((k, v) for k, v in learned_params(run.data.params).items() if not not_config(k)))
     return learned or (("run_id", run.info.run_id),)
 
 

@@ -118,16 +118,7 @@ class Store:
 
     def find_runs(self, experiment_id: str, filter_string: str = "") -> list[Run]:
         """Every active run that matches, newest first, all pages."""
-        from mlflow.entities import ViewType
-
-        runs, token = [], None
-        while True:
-            page = self.client.search_runs([experiment_id], filter_string, ViewType.ACTIVE_ONLY, max_results=1000,
-                                           order_by=["attributes.start_time DESC"], page_token=token)
-            runs += list(page)
-            token = page.token
-            if not token:
-                return runs
+        return search_all(self.client, [experiment_id], filter_string, order_by=["attributes.start_time DESC"])
 
     def runs_by_fingerprint(self, experiment_id: str) -> dict[str, list[Run]]:
         """The experiment's job runs grouped by the fingerprint of their effective config, newest first."""
@@ -210,3 +201,18 @@ def store(uri: str) -> Store:
     if uri not in _stores:
         _stores[uri] = Store(uri)
     return _stores[uri]
+
+
+def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str = "",
+               order_by: list[str] | None = None) -> list[Run]:
+    """Every active run of the experiments that matches, all pages."""
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, ViewType.ACTIVE_ONLY, max_results=1000, order_by=order_by,
+                                  page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
