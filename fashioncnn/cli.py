@@ -91,12 +91,13 @@ def _plan(typed: list[str]):  # -> sweep.plan.Plan | sweep.search.SearchPlan | N
     options = sources.group_options(team_dirs)
     try:
         space = None
+        args, notices = overrides.rename_legacy(args)
         if overrides.search_selected(args):  # a sampled search takes its sweeps out as the search space
             from fashioncnn.sweep import search
 
-            space, args = search.take_space(args, options, team_dirs)
-        args, notices = overrides.rewrite(args, options)
-        for notice in notices:
+            space, args = search.take_space(search.with_preset_space(args, team_dirs), options, team_dirs)
+        args, more = overrides.rewrite(args, options)
+        for notice in notices + more:
             print(f"notice: {notice}", file=sys.stderr)
         args = sources.with_search_path(args, team_dirs)
         if any(flag in args for flag in _HYDRA_ONLY):

@@ -219,7 +219,9 @@ def test_trials_whose_config_already_finished_in_a_grid_are_told_from_the_store(
     assert grid.returncode == 0, grid.stderr[-3000:]
     client = local_store(tmp_path)
     trained = {r.data.params["optim.lr"]: r for r in parent_and_jobs(client, "told")[1]}
-    result = run_cli(["-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid", "optim.lr=choice(0.003,0.001)", *fixed], cwd=tmp_path)
+    # Without warm start (tested on its own), so that the search asks for these configs itself.
+    result = run_cli(["-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid", "hydra.sweeper.warm_start=false",
+                      "optim.lr=choice(0.003,0.001)", *fixed], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 jobs: 2 skipped" in result.stdout and "Traceback" not in result.stderr
     assert len(parent_and_jobs(client, "told")[1]) == 2  # nothing trained again
@@ -265,5 +267,5 @@ def test_preflight_refuses_bad_intervals_with_one_line_and_creates_nothing(tmp_p
     dry = run_cli(["-m", "hydra/sweeper=optuna", "lr=interval(0.001,0.01)", "conv=1,2", "--dry-run"], cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
     assert "  lr: options 0.001, 0.005, 0.01  (lr=interval(0.001,0.01))" in dry.stdout
-    assert "sampler tpe (seed 0), pruner none, n_trials 20" in dry.stdout and "0 of 20 trials already done" in dry.stdout
+    assert "sampler tpe (seed 0), n_trials 20, 1 per batch, maximize best_val_acc, pruner none" in dry.stdout and "0 of 20 trials already done" in dry.stdout
     assert not (tmp_path / "mlruns").exists()

@@ -237,7 +237,7 @@ def test_report_errors_and_the_command_line(sweep, tmp_path, capsys):
     folder = tmp_path / "reports" / "study-step2-lin"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["report.md", "runs.csv", "by_config.csv", "test_acc-model.lin=2.png", "loss-model.lin=2.png",
-         "test_acc-model.lin=4.png", "loss-model.lin=4.png"])
+         "test_acc-model.lin=4.png", "loss-model.lin=4.png", "pareto.png"])  # two configurations: nothing to weigh
     assert "## model.lin=2" in result.stdout and "## model.lin=4" in result.stdout
 
 
@@ -251,7 +251,7 @@ def test_report_is_logged_to_the_sweeps_parent_run_when_there_is_one(sweep, tmp_
     assert built.parent_run_id == parent.info.run_id
     assert sorted(r.run.info.run_id for _, rs in built.sections for r in rs) == sorted(r.info.run_id for r in runs)
     logged = sorted(Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report") if not a.is_dir)
-    assert logged == ["by_config.csv", "loss.png", "report.md", "runs.csv", "test_acc.png"]
+    assert logged == ["by_config.csv", "loss.png", "pareto.png", "report.md", "runs.csv", "test_acc.png"]
     # Found from the experiment name too (one sweep, one parent); a filtered report goes to its own folder.
     assert report.build(["study-step2-lin"], tmp_path / "lin4", uri=uri, filters=["model.lin=4"]).parent_run_id == parent.info.run_id
     assert "report.md" in {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report/lin4")}

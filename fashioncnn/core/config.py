@@ -289,8 +289,8 @@ def validate_component(group: str, node: Any) -> None:
 
 
 def lower_is_better(metric: str) -> bool:
-    """Which way a metric is better, the one rule of the package: losses and times down, everything else up."""
-    return metric.endswith(("loss", "seconds"))
+    """Which way a metric is better, the one rule of the package: losses, times and sizes down, everything else up."""
+    return metric.endswith(("loss", "seconds")) or metric == "param_count"
 
 
 def ranking_metric(select_metric: str) -> str:

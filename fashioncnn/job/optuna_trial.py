@@ -48,6 +48,7 @@ class OptunaTrialPruner:
         study = optuna.load_study(study_name=trial.study, storage=open_storage(trial.storage), pruner=rule.optuna_pruner())
         self.trial = optuna.trial.Trial(study, trial.trial_id)
         self.metric, self.pruner, self.epochs, self.run_id = select_metric, rule.name, epochs, run_id
+        self.reports = len(study.directions) == 1  # Optuna takes per-epoch values (and prunes) for one objective only
         self.trial.set_user_attr("mlflow_run_id", run_id)
         if set_tags is not None:
             set_tags({STUDY_TAG: trial.study, TRIAL_TAG: str(self.trial.number)})
@@ -59,14 +60,14 @@ class OptunaTrialPruner:
         its median at such an epoch over the other trials alone (with one of them, that trial's value).
         They come from the checkpoint: the store may lack the last of them (a kill before its delivery).
         """
-        for metrics in history:
+        for metrics in history if self.reports else []:
             value = getattr(metrics, self.metric)
             if value is not None and not metrics.cut_short:
                 self.trial.report(float(value), metrics.epoch)
 
     def after_epoch(self, metrics: EpochMetrics) -> str | None:
         value = getattr(metrics, self.metric)
-        if value is None:
+        if value is None or not self.reports:
             return None
         self.trial.report(float(value), metrics.epoch)
         if self.pruner != "none" and metrics.epoch < self.epochs and self.trial.should_prune():

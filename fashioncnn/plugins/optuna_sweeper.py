@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, n_trials: int = 20, sampler: str = "tpe", seed: Optional[int] = 0, n_jobs: int = 1,
-                 storage: Optional[str] = None, search: Optional[str] = None) -> None:
-        # The settings were read and checked when the search was planned (fashioncnn.sweep.search.Settings);
-        # `search` is the search under way as a value (fashioncnn.sweep.search.Search.to_json).
+    def __init__(self, search: Optional[str] = None, **settings: Any) -> None:
+        # The settings (n_trials, sampler, direction, ...) were read and checked when the search was planned
+        # (fashioncnn.sweep.search_settings.Settings); `search` is the search under way as a value
+        # (fashioncnn.sweep.search.Search.to_json).
         if search is None:
             raise ValueError("hydra/sweeper=optuna runs a fashioncnn search: run it with python -m fashioncnn -m hydra/sweeper=optuna ...")
         self.search_value = search
@@ -78,9 +78,7 @@ class OptunaSweeper(Sweeper):
             runs = search.runs_by_fingerprint()
             batch: list[tuple[Any, Any]] = []
             for _ in range(search.to_ask()):
-                trial = study.ask(search.plan.distributions)
-                search.budget -= 1
-                searching.mark_owner(trial)
+                trial = search.ask()
                 try:
                     batch.append((trial, search.trial_job(trial, self.compose, runs)))
                 except ConfigError as error:
@@ -110,4 +108,7 @@ class OptunaSweeper(Sweeper):
                                 if r.data.tags.get(names.SWEEP_TAG) == search.sweep_id), None)
                     status = search.tell(trial, run, told_from_store=launched[job.fingerprint] is not trial)
                     log.info("trial #%d %s: %s", trial.number, job.command, status)
+            if stop := search.too_many_failures():
+                log.warning("%s", stop)
+                break
         return returns

@@ -6,7 +6,10 @@ report). Writes into the output directory (default reports/<source>):
   final train and test loss, status), best first by --metric, the best marked; with
   "Mean and standard deviation over seeds" when configs repeat with several seeds; figures linked;
 - runs.csv (and by_config.csv for the seeds table): the same numbers, unformatted;
-- test_acc.png (test accuracy per epoch per run) and loss.png (train and test loss per epoch per run).
+- test_acc.png (test accuracy per epoch per run) and loss.png (train and test loss per epoch per run);
+- pareto.png and importance.png, under "Pareto front" (the metric against parameters and training
+  seconds; the smallest and fastest configuration within --within of the best) and "What mattered" (the
+  swept keys' importance, by Optuna's PED-ANOVA and fANOVA evaluators over the configurations).
 With --group-by KEY each value of KEY gets its own table and figures. When the runs come from one sweep
 that has a parent run (fashioncnn.role=parent), the files are also logged to it as artifacts under
 report/. Examples (docs/study.md has one per table of the study):
@@ -29,6 +32,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+from fashioncnn.analysis import importance, pareto
+from fashioncnn.analysis.points import points_of
 from fashioncnn.core.config import lower_is_better
 from fashioncnn.tracking import links
 from fashioncnn.tracking.names import PARENT_TAG, SWEEP_TAG
@@ -331,8 +336,51 @@ def _style(index: int, count: int) -> dict[str, Any]:
     return {"linestyle": dash, "linewidth": 1.6}
 
 
+def learned_to_the_end(row: Row) -> bool:
+    """A run whose curves are worth drawing as lines: FINISHED, neither pruned nor diverged."""
+    return row.run.info.status == "FINISHED" and not is_pruned(row.run) and not is_diverged(row.run)
+
+
+def _draw_curve(axis: Any, rows: list[Row], curve: str, scale: float, colours: list[Any], labels: list[str], markers: bool,
+                scale_to: Sequence[str] = ()) -> None:
+    """Each run that learned as a line; any other (diverged, pruned, failed) as one marker at its last value,
+    its status in the legend, kept inside the range of the lines (at the edge, pointing out, when beyond).
+    The range is that of the lines of `curve` and of `scale_to` (the other panel of a shared axis)."""
+    lines = [r for r in rows if learned_to_the_end(r)] or rows
+    values = [scale * v for r in lines for name in (curve, *scale_to) for _, v in r.history.get(name) or []
+              if math.isfinite(v) and (axis.get_yscale() != "log" or v > 0)]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    if axis.get_yscale() == "log":
+        low, high, margin = low / 1.15, high * 1.15, 0.0
+    else:
+        margin = 0.05 * (high - low or abs(high) or 1.0)
+    for index, row in enumerate(rows):
+        points = row.history.get(curve) or []
+        if row in lines:
+            points = [(s, v) for s, v in points if math.isfinite(v)]
+            axis.plot([s for s, _ in points], [scale * v for _, v in points], color=colours[index], label=labels[index],
+                      marker="o" if markers else None, markersize=3, **_style(index, len(rows)))
+        elif points:
+            step, value = points[-1][0], scale * points[-1][1]
+            value = value if not math.isnan(value) else math.inf  # a loss that became NaN: off the top
+            shown = min(max(value, low - margin), high + margin)
+            symbol = "X" if shown == value else ("v" if value < shown else "^")
+            axis.plot([step], [shown], linestyle="none", marker=symbol, markersize=9, color=colours[index], label=labels[index],
+                      clip_on=False)
+    if values and any(not learned_to_the_end(r) for r in rows):
+        axis.set_ylim(low - 1.5 * margin, high + 1.5 * margin)
+
+
+def _legend_label(row: Row, metric_name: str) -> str:
+    label = f"{row.label}  {fmt_metric(metric_name, row.value(metric_name))}"
+    if learned_to_the_end(row):
+        return label
+    last = (row.history.get("test_acc") or [(0, math.nan)])[-1][1]
+    return f"{label}  {row.status.lower()}" + ("" if math.isnan(last) else f" (last test acc {fmt_acc(last)})")
+
+
 def plot_curves(rows: list[Row], metric_name: str, title: str, acc_path: Path, loss_path: Path) -> None:
-    """Test accuracy per epoch, and train and test loss per epoch, one line per run, legend outside."""
+    """Test accuracy per epoch, and train and test loss per epoch, one line per run that learned, legend outside."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -342,15 +390,11 @@ def plot_curves(rows: list[Row], metric_name: str, title: str, acc_path: Path, l
     columns = 1 if count <= 22 else 2
     height = max(4.0, 0.24 * math.ceil(count / columns) + 1.2)
     legend = dict(loc="upper left", fontsize="small", ncol=columns, frameon=False, title=f"best first by {metric_name}")
-    labels = [f"{r.label}  {fmt_metric(metric_name, r.value(metric_name))}{'  diverged' if is_diverged(r.run) else ''}"
-              for r in rows]
+    labels = [_legend_label(r, metric_name) for r in rows]
     markers = max((len(r.history.get("test_acc") or []) for r in rows), default=0) <= 30
 
     figure, axis = plt.subplots(figsize=(8, height))
-    for index, row in enumerate(rows):
-        points = row.history.get("test_acc") or []
-        axis.plot([s for s, _ in points], [100 * v for _, v in points], color=colours[index], label=labels[index],
-                  marker="o" if markers else None, markersize=3, **_style(index, count))
+    _draw_curve(axis, rows, "test_acc", 100, colours, labels, markers)
     axis.set(title=f"Test accuracy per epoch: {title}", xlabel="epoch", ylabel="test accuracy (%)")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.grid(alpha=0.3)
@@ -359,17 +403,15 @@ def plot_curves(rows: list[Row], metric_name: str, title: str, acc_path: Path, l
     plt.close(figure)
 
     figure, axes = plt.subplots(1, 2, figsize=(13, height), sharey=True)
-    all_losses = [v for r in rows for curve in ("train_loss", "test_loss") for _, v in r.history.get(curve) or [] if v > 0]
+    drawn = [r for r in rows if learned_to_the_end(r)] or rows
+    all_losses = [v for r in drawn for curve in ("train_loss", "test_loss") for _, v in r.history.get(curve) or [] if v > 0]
     for axis, curve, name in zip(axes, ("train_loss", "test_loss"), ("Train loss", "Test loss")):
-        for index, row in enumerate(rows):
-            points = row.history.get(curve) or []
-            axis.plot([s for s, _ in points], [v for _, v in points], color=colours[index], label=labels[index],
-                      marker="o" if markers else None, markersize=3, **_style(index, count))
+        if all_losses and max(all_losses) / min(all_losses) > 20:  # losses over decades: each still readable
+            axis.set_yscale("log")
+        _draw_curve(axis, rows, curve, 1, colours, labels, markers, scale_to=("train_loss", "test_loss"))
         axis.set(title=f"{name} per epoch", xlabel="epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
-        if all_losses and max(all_losses) / min(all_losses) > 20:  # a diverged run would flatten every other curve
-            axis.set_yscale("log")
     axes[0].set_ylabel("cross-entropy loss")
     handles, names = axes[0].get_legend_handles_labels()
     figure.suptitle(title)
@@ -428,7 +470,8 @@ class Report:
 
 def build(sources: Sequence[str], output_dir: Path | None = None, metric_name: str = DEFAULT_METRIC,
           group_by: str | None = None, filters: Sequence[str] = (), statuses: Sequence[str] = (),
-          uri: str | None = None, lowest_first: bool | None = None, attach: bool = True, title: str | None = None) -> Report:
+          uri: str | None = None, lowest_first: bool | None = None, attach: bool = True, title: str | None = None,
+          within: float = pareto.DEFAULT_WITHIN) -> Report:
     """Write the report files; ResultsError (one line) for an unknown source, metric or an empty selection."""
     import matplotlib
     from mlflow.tracking import MlflowClient
@@ -460,6 +503,7 @@ def build(sources: Sequence[str], output_dir: Path | None = None, metric_name: s
         ranked = rank_rows(members, metric_name, lowest_first)
         sections.append((group, ranked))
         files += _group_section(lines, summary_rows, group, ranked, metric_name, output_dir, title, group_by, uri)
+    files += answer_sections(lines, [r.run for r in rows], metric_name, output_dir, title, within)
     markdown = "\n".join(lines) + "\n"
     (output_dir / "report.md").write_text(markdown)
     _write_runs_csv(output_dir / "runs.csv", sections, metric_name)
@@ -499,6 +543,32 @@ def _group_section(lines: list[str], summary_rows: list[tuple[str, ConfigSummary
                   summary_table(summaries, metric_name), "", noise_line(summaries, metric_name)]
         summary_rows += [(group, s) for s in summaries]
     return [acc_png, loss_png]
+
+
+def answer_sections(lines: list[str], runs: list[Any], metric_name: str, output_dir: Path, title: str, within: float) -> list[Path]:
+    """"Pareto front" and "What mattered" over the selection's configurations (seeds folded); their pictures."""
+    points = points_of(runs, metric_name)
+    if not points:
+        lines += ["", "## Pareto front", "", "No configuration finished: no front to draw.", "", "## What mattered", "",
+                  "No configuration finished: nothing to weigh."]
+        return []
+    front = pareto.answer(points, metric_name, within)
+    pareto.draw(front, output_dir / "pareto.png", title)
+    lines += ["", "## Pareto front", "",
+              f"Configurations that finished ({len(points)}, from {sum(p.n for p in points)} runs; seeds as mean ± std), "
+              f"by `{metric_name}` against their parameters and their training seconds. A configuration is on the front "
+              "when no other is at least as good on both and better on one.", "",
+              *(f"- {line}" for line in front.lines()), "", "![Pareto front](pareto.png)"]
+    files = [output_dir / "pareto.png"]
+    mattered = importance.importance(points, metric_name)
+    lines += ["", "## What mattered", ""]
+    if mattered is None:
+        lines.append("Fewer than 3 configurations, no key that differs between them, or the same value for all: nothing to weigh.")
+        return files
+    importance.draw(mattered, output_dir / "importance.png", title)
+    lines += [mattered.line(), "", mattered.table(), ""] + ([f"**{mattered.warning}**", ""] if mattered.warning else [])
+    lines.append("![What mattered](importance.png)")
+    return [*files, output_dir / "importance.png"]
 
 
 def _attach(client: Any, selections: list[Any], rows: list[Row], output_dir: Path, narrowed: bool) -> str | None:
@@ -568,13 +638,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="keep runs whose KEY is one of the values (KEY!=VALUE: is not); repeatable")
     parser.add_argument("--status", action="append", default=[], metavar="STATUS[,STATUS]",
                         help="keep runs with these statuses: FINISHED, FAILED, KILLED, RUNNING, DIVERGED, PRUNED")
+    parser.add_argument("--within", type=float, default=pareto.DEFAULT_WITHIN, metavar="D",
+                        help="Pareto front: name the smallest and the fastest configuration within D of the best "
+                             "(percentage points for an accuracy; default: %(default)s)")
     parser.add_argument("--title", help="the report's title (default: the sources)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)")
     parser.add_argument("--no-artifacts", action="store_true", help="do not log the files to the sweep's parent run")
     args = parser.parse_args(argv)
+    if not (args.within >= 0):
+        parser.error(f"--within {args.within}: must be a distance >= 0 (percentage points for an accuracy)")
     try:
         report = build(args.sources, args.output_dir, args.metric, args.group_by, args.filter, args.status,
-                       args.tracking_uri, {"auto": None, "max": False, "min": True}[args.order], not args.no_artifacts, args.title)
+                       args.tracking_uri, {"auto": None, "max": False, "min": True}[args.order], not args.no_artifacts, args.title,
+                       args.within)
     except ResultsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -98,15 +98,16 @@ def launch(parent: ParentRun, hydra_args: list[str]) -> KeyboardInterrupt | None
 
 
 def close_sweep(plan: Plan, parent: ParentRun, experiment_ids: Mapping[tuple[str, str], str],
-                interrupted: KeyboardInterrupt | None, tracking_uri: str, metric_name: str | None = None) -> int:
-    """The summary (read back from the store) on the parent run and in the terminal; the exit code."""
+                interrupted: KeyboardInterrupt | None, tracking_uri: str, metric_name: str | None = None, note: str = "") -> int:
+    """The summary (read back from the store) on the parent run, with `note` in its description, and in the
+    terminal; the exit code."""
     from fashioncnn.job.signals import interrupted_exit_code
 
     metric_name = metric_name or plan_metric(plan)
     saved: dict[str, float] = {}
     rows = summarize(plan, parent.sweep_id, experiment_ids, metric_name, saved)
     failed = any(row["status"] in FAILED_STATUSES for row in rows)
-    parent.close(rows, metric_name, "KILLED" if interrupted else "FAILED" if failed else "FINISHED", saved)
+    parent.close(rows, metric_name, "KILLED" if interrupted else "FAILED" if failed else "FINISHED", saved, note)
     print(f"\nsweep {parent.sweep_id} (parent run {parent.run_id}):", flush=True)
     print(summary_text(rows) if rows else "no jobs ran", flush=True)
     if saved:

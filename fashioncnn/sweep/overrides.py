@@ -122,7 +122,7 @@ def rewrite(args: Sequence[str], options: Mapping[str, Sequence[str]]) -> tuple[
     `options` maps each config group to its option names (every source on the search path). Raises
     ConfigError for a sweep that cannot name options (interval(...) on a group, an empty glob).
     """
-    args, notices = _legacy_pruning(args)
+    args, notices = rename_legacy(args)
     rewritten, skip_next = [], False
     for arg in args:
         if skip_next or arg.startswith("-"):
@@ -136,12 +136,7 @@ def rewrite(args: Sequence[str], options: Mapping[str, Sequence[str]]) -> tuple[
             rewritten.append(arg)
             continue
         key = override.key_or_group
-        group = key.removesuffix(".name")
-        if key.endswith(".name") and group in COMPONENT_GROUPS and group in options and override.package is None:
-            new = f"{group}={arg.split('=', 1)[1]}"
-            notices.append(f"{arg} is now spelled {new} ({group} is a config group of its options); the old spelling goes in the next release")
-            arg, override, key = new, _parse(new), group
-        if key in options and override is not None:
+        if key in options:
             rewritten.append(_rewrite_group(arg, override, options[key]))
         elif key in LEGACY_SPEED_KEYS and override.package is None:
             new = arg.replace(key, LEGACY_SPEED_KEYS[key], 1)
@@ -157,6 +152,22 @@ COMPONENT_GROUPS = ("optim", "schedule", "prune")
 
 # The Optuna sweeper's own pruning keys of before, now the prune group's: old key -> prune key.
 _SWEEPER_PRUNING = {"startup_trials": "min_siblings", "reduction_factor": "reduction_factor"}
+
+
+def rename_legacy(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Old spellings in today's: `<component>.name=X` as the group choice `<component>=X`, the Optuna sweeper's
+    pruning keys as the prune group's; returns (arguments, notices). Run before anything reads the arguments."""
+    renamed, notices = [], []
+    for arg in args:
+        key, equals, value = arg.partition("=")
+        group = key.removesuffix(".name")
+        if equals and key.endswith(".name") and group in COMPONENT_GROUPS:
+            new = f"{group}={value}"
+            notices.append(f"{arg} is now spelled {new} ({group} is a config group of its options); the old spelling goes in the next release")
+            arg = new
+        renamed.append(arg)
+    renamed, pruning = _legacy_pruning(renamed)
+    return renamed, notices + pruning
 
 
 def _legacy_pruning(args: Sequence[str]) -> tuple[list[str], list[str]]:

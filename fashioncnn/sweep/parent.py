@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shlex
 import time
 import uuid
+from pathlib import Path
 from typing import Mapping
 
 from mlflow.entities import Metric, Param, RunStatus
@@ -17,6 +19,9 @@ from fashioncnn.sweep.plan import Plan
 from fashioncnn.sweep.summary import leaderboard, ranked_rows, summary_csv, summary_markdown, swept_keys
 from fashioncnn.tracking import links, names, stores
 from fashioncnn.tracking.secrets import mask_secrets
+
+log = logging.getLogger(__name__)
+MIN_RUNS_FOR_ANSWERS = 3  # runs that learned, before a sweep's parent shows its Pareto front and what mattered
 
 
 class ParentRun:
@@ -63,12 +68,20 @@ class ParentRun:
     def url(self) -> str:
         return links.run_url(self.base, self.experiment_id, self.run_id)
 
-    def close(self, rows: list[dict[str, str]], metric_name: str, status: str, saved: Mapping[str, float] | None = None) -> None:
-        """The sweep's front page: the leaderboard as its description, its best figures, the summary files."""
+    def close(self, rows: list[dict[str, str]], metric_name: str, status: str, saved: Mapping[str, float] | None = None,
+              note: str = "") -> None:
+        """The sweep's front page: the leaderboard and `note` as its description, its best figures, the summary files."""
         client = self.store.client
         client.log_text(self.run_id, summary_markdown(rows), "summary.md")
         client.log_text(self.run_id, summary_csv(rows), "summary.csv")
-        client.set_tag(self.run_id, "mlflow.note.content", leaderboard(rows, metric_name, self.base, self.experiment_id))
+        board = leaderboard(rows, metric_name, self.base, self.experiment_id)
+        try:
+            found = answers(self.store, self.experiment_id, [row["run_id"] for row in rows if row["run_id"]], self.run_id,
+                            metric_name, self.sweep_id)
+        except Exception as error:  # the answers are extras: the summary and the parent's status must still land
+            log.warning("the sweep's Pareto front and what mattered could not be drawn: %s", error)
+            found = ""
+        client.set_tag(self.run_id, "mlflow.note.content", fit_description(board, note + found))
         counts = {status_: sum(row["status"] == status_ for row in rows) for status_ in ("FINISHED", "FAILED", "DIVERGED", "SKIPPED", "PRUNED")}
         metrics = {f"jobs_{name.lower()}": float(n) for name, n in counts.items()}
         if saved:
@@ -89,3 +102,50 @@ class ParentRun:
                 continue  # another command's (or a worker's) run, its heartbeat says when it is gone
             if run.info.run_id != self.run_id:
                 self.store.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+
+
+def answers(store: stores.Store, experiment_id: str, run_ids: list[str], parent_run_id: str, metric_name: str,
+            sweep_id: str) -> str:
+    """With at least MIN_RUNS_FOR_ANSWERS of the sweep's runs (`run_ids`: this command's and those it skipped as done)
+    that learned: pareto.png and importance.png as artifacts of its parent run, and their "Pareto front" and "What
+    mattered" in a few lines for its description."""
+    import tempfile
+
+    from fashioncnn.analysis import importance, pareto
+    from fashioncnn.analysis.points import learned, points_of
+
+    ours = {r.info.run_id: r for r in store.find_runs(experiment_id, f"tags.{names.SWEEP_TAG} = '{sweep_id}'")}
+    runs = [ours.get(run_id) or store.client.get_run(run_id) for run_id in dict.fromkeys(run_ids)]
+    if len(learned(runs, metric_name)) < MIN_RUNS_FOR_ANSWERS:
+        return ""
+    points = points_of(runs, metric_name)
+    front, mattered = pareto.answer(points, metric_name), importance.importance(points, metric_name)
+    with tempfile.TemporaryDirectory() as folder:
+        pareto.draw(front, Path(folder) / "pareto.png", f"sweep {sweep_id}")
+        if mattered is not None:
+            importance.draw(mattered, Path(folder) / "importance.png", f"sweep {sweep_id}")
+        store.client.log_artifacts(parent_run_id, folder)
+    text = "\n\n### Pareto front\n\n" + "\n".join(f"- {line}" for line in front.lines()) + "\n\n(pareto.png in the artifacts)"
+    if mattered is not None:
+        text += "\n\n### What mattered\n\n" + mattered.line() + (f" {mattered.warning}" if mattered.warning else "")
+        text += " (importance.png in the artifacts)"
+    return text
+
+
+DESCRIPTION_LIMIT = 8000  # characters of a tag value in MLflow's stores (mlflow.note.content is a tag)
+
+
+def fit_description(board: str, after: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """The leaderboard and what follows it, within `limit`: the leaderboard's last rows give way first
+    (summary.md in the artifacts has them all), then the end of what follows."""
+    if len(board) + len(after) <= limit:
+        return board + after
+    lines = board.rstrip("\n").split("\n")
+    header, body = lines[:4], lines[4:]
+    while body:
+        body.pop()
+        cut = f"| … {len(lines) - 4 - len(body)} more rows in summary.md |"
+        text = "\n".join([*header, *body, cut]) + "\n"
+        if len(text) + len(after) <= limit:
+            return text + after
+    return ("\n".join(header) + "\n" + after)[:limit]

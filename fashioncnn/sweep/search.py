@@ -7,7 +7,10 @@ scale, `choice(...)` and `a,b` a categorical, `range(a,b[,step])` an int (or ste
 config group the values are option names: `choice`, `range`, `glob` and `a,b` as for a grid, and
 `interval(a,b)` means the options whose number lies within [a, b] (`lr=interval(0.001,0.01)` is the
 options 0.001, 0.005, 0.01), for groups whose every option sets one number equal to its name (conv,
-lin, lr; not channels, whose options set two). Everything else on the command line is fixed.
+lin, lr; not channels, whose options set two). A preset's `hydra.sweeper.params` adds to the space
+(`with_preset_space`). Everything else on the command line is fixed. The settings, with the keys of
+Hydra's own Optuna sweeper and several objectives, are fashioncnn.sweep.search_settings'; before its first
+new trial the study is told the experiment's finished runs in its space (fashioncnn.sweep.warm_start).
 
 The study is stored next to the tracking store (mlruns/optuna.db for a local sqlite store, or
 `hydra.sweeper.storage`), named after what it searches (space, fixed overrides, sampler, seed,
@@ -48,25 +51,25 @@ from optuna.distributions import (
 from optuna.trial import TrialState
 
 from fashioncnn.core import sources
-from fashioncnn.core.config import ConfigError, lower_is_better, register_schema
+from fashioncnn.core.config import ConfigError, register_schema
 from fashioncnn.core.model import run_name
 from fashioncnn.job import lease
 from fashioncnn.job.decision import TrialRef, literal
 from fashioncnn.job.optuna_trial import open_storage
 from fashioncnn.job.pruning import PruningRule, pruning_rule
 from fashioncnn.sweep import overrides as ov
-from fashioncnn.sweep import preflight
+from fashioncnn.sweep import preflight, warm_start
 from fashioncnn.sweep.launch import close_sweep, decision, launch
 from fashioncnn.sweep.overrides import SWEEPER_OVERRIDE
 from fashioncnn.sweep.parent import ParentRun
 from fashioncnn.sweep.plan import Plan, PlannedJob, decide, fingerprint, store_error
+from fashioncnn.sweep.search_settings import Settings
 from fashioncnn.sweep.summary import plan_metric_of
 from fashioncnn.tracking import names, record, stores
 from fashioncnn.tracking.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("tpe", "random", "grid")
 # A study ranks trials by one metric in one experiment of one store: these cannot vary between trials.
 NOT_SEARCHABLE = ("experiment", "tracking_uri", "select_metric")
 STORAGE_FILE = "optuna.db"
@@ -230,31 +233,6 @@ def take_space(args: Sequence[str], options: Mapping[str, Sequence[str]], team_d
 # ------------------------------------------------------------------------------------------- settings and storage
 
 
-@dataclass
-class Settings:
-    """hydra.sweeper.* of conf/hydra/sweeper/optuna.yaml, checked."""
-
-    n_trials: int = 20
-    sampler: str = "tpe"
-    seed: int | None = 0
-    n_jobs: int = 1
-    storage: str | None = None
-
-    @classmethod
-    def from_config(cls, node: Mapping[str, Any]) -> Settings:
-        known = {k: node[k] for k in cls.__dataclass_fields__ if k in node}
-        settings = cls(**known)
-        for key in ("n_trials", "n_jobs"):
-            value = getattr(settings, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"hydra.sweeper.{key}={value}: must be an integer >= 1")
-        if settings.sampler not in SAMPLERS:
-            raise ConfigError(f"hydra.sweeper.sampler={settings.sampler}: allowed: {', '.join(SAMPLERS)}")
-        if settings.seed is not None and (not isinstance(settings.seed, int) or isinstance(settings.seed, bool)):
-            raise ConfigError(f"hydra.sweeper.seed={settings.seed}: must be an integer or null")
-        return settings
-
-
 def storage_url(requested: str | None, tracking_uri: str) -> str:
     """The study's RDB storage: hydra.sweeper.storage, else optuna.db in the folder of a local sqlite tracking store."""
     if requested:
@@ -289,11 +267,12 @@ class SearchPlan:
     storage: str
     study_name: str
     metric: str  # the run-level metric a trial's value is (best_val_acc, ...)
-    counts: dict[str, int] = field(default_factory=dict)  # the study's trials by state, as planned
+    counts: dict[str, int] = field(default_factory=dict)  # the study's trials by state, as planned (warm start aside)
+    warm: int = 0  # finished runs of the experiment in the space, not yet in the study: told first (warm start)
 
     @property
-    def direction(self) -> str:
-        return "minimize" if lower_is_better(self.metric) else "maximize"
+    def directions(self) -> list[str]:
+        return self.settings.directions
 
     @property
     def rule(self) -> PruningRule:
@@ -306,14 +285,15 @@ class SearchPlan:
                 "space": [{"key": p.key, "typed": p.typed, "group": p.group, "distribution": distribution_to_json(p.distribution)}
                           for p in self.space],
                 "base": OmegaConf.to_container(self.base, resolve=True, enum_to_str=True), "tracking_uri": self.tracking_uri,
-                "storage": self.storage, "study_name": self.study_name, "metric": self.metric, "counts": self.counts}
+                "storage": self.storage, "study_name": self.study_name, "metric": self.metric, "counts": self.counts,
+                "warm": self.warm}
 
     @classmethod
     def from_value(cls, value: Mapping[str, Any]) -> SearchPlan:
         space = [Param(p["key"], p["typed"], json_to_distribution(p["distribution"]), p["group"]) for p in value["space"]]
         return cls(list(value["args"]), list(value["typed"]), space, list(value["fixed"]), Settings(**value["settings"]),
                    OmegaConf.create(value["base"]), value["tracking_uri"], value["storage"], value["study_name"],
-                   value["metric"], dict(value["counts"]))
+                   value["metric"], dict(value["counts"]), int(value.get("warm", 0)))
 
     @property
     def distributions(self) -> dict[str, BaseDistribution]:
@@ -321,7 +301,7 @@ class SearchPlan:
 
     def target(self) -> int:
         """Trials to reach: n_trials, or every point of the grid when that is fewer."""
-        if self.settings.sampler == "grid":
+        if self.settings.is_grid:
             size = 1
             for values in grid_space(self.space).values():
                 size *= len(values)
@@ -330,14 +310,15 @@ class SearchPlan:
 
     def describe(self) -> str:
         done = self.counts.get("COMPLETE", 0) + self.counts.get("PRUNED", 0)
-        seed = f" (seed {self.settings.seed})" if self.settings.seed is not None else ""
         lines = [f"optuna search, study {self.study_name} in {mask_secrets(self.storage)}",
-                 f"sampler {self.settings.sampler}{seed}, pruner {self.rule.describe()}, "
-                 f"n_trials {self.settings.n_trials}, {self.settings.n_jobs} per batch, {self.direction} {self.metric}",
+                 f"{self.settings.describe()}, pruner {self.rule.describe()}",
                  "search space:", *(f"  {p.describe()}" for p in self.space),
                  f"fixed: {ov.display_all(self.fixed) or '(defaults)'}"]
         if self.target() < self.settings.n_trials:
             lines.append(f"the grid has {self.target()} points: at most {self.target()} trials")
+        if self.settings.warm_start:
+            lines.append(f"warm start: {self.warm} finished run(s) of the experiment lie in the space and are not in the "
+                         "study yet; they are told to it before its first new trial (hydra.sweeper.warm_start=false: none)")
         failed = self.counts.get("FAIL", 0)
         lines.append(f"{done} of {self.target()} trials already done ({self.counts.get('COMPLETE', 0)} complete, "
                      f"{self.counts.get('PRUNED', 0)} pruned" + (f"; {failed} failed, not counted" if failed else "")
@@ -365,7 +346,7 @@ def _study_name(space: Sequence[Param], fixed: Sequence[str], settings: Settings
     identity = {
         "space": {p.name: repr(p.distribution) for p in space},
         "fixed": sorted(ov.display(o) for o in fixed),
-        "sampler": settings.sampler, "seed": settings.seed, "pruner": rule.study_key(),
+        **settings.identity(), "pruner": rule.study_key(),
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return f"{experiment}-{digest}"
@@ -384,13 +365,10 @@ def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequen
     if not ov.split_flags(args)[1]:
         raise ConfigError(f"{SWEEPER_OVERRIDE}: a search runs many trials; add -m: python -m fashioncnn -m {' '.join(typed)}")
     sweeper_node = _sweeper_config(args)
-    if sweeper_node.get("params"):  # a preset's grid; Hydra would hand it to the sweeper, which has no such key
-        raise ConfigError(f"{SWEEPER_OVERRIDE}: the preset's hydra.sweeper.params ({', '.join(sweeper_node['params'])}) is a grid; "
-                          "give a search space on the command line instead, e.g. conv=1,2,3 'optim.lr=interval(1e-4,1e-2)'")
     settings = Settings.from_config(sweeper_node)
     if swept := [p.typed for p in space if p.name.lstrip("+~").split(".", 1)[0] == "prune"]:
         raise ConfigError(f"{swept[0]}: a search has one pruning rule (its study's pruner); choose one, e.g. prune=median")
-    if settings.sampler == "grid":
+    if settings.is_grid:
         grid_space(space)
     fixed = _job_overrides(args)
     hydra_args = _hydra_overrides(args)
@@ -408,16 +386,37 @@ def plan(args: Sequence[str], typed: Sequence[str], options: Mapping[str, Sequen
     base = jobs[0][1]
     preflight.check_machine([cfg for _, cfg in jobs], runs_here=not any(
         arg.startswith("hydra/launcher=") and "slurm" in arg for arg in args))
+    metric = plan_metric_of(base)
+    settings = settings.for_metric(metric)
+    _sampler(settings, space, 0)  # a sampler that cannot be built is refused here, in one line
+    rule = pruning_rule(base.prune)
+    if settings.objectives != [metric] and rule.name != "none":
+        raise ConfigError(f"prune={rule.name}: the pruner judges each epoch's {getattr(base.select_metric, 'value', base.select_metric)}, "
+                          f"the search's objectives are "
+                          f"{', '.join(settings.objectives)}; prune only a search of {metric} alone, or run it with prune=none")
     uri = stores.resolve_tracking_uri(base)
     storage = storage_url(settings.storage, uri)
     try:
         stores.store(uri).check_reachable()
     except OSError as error:
         raise store_error(uri, base.experiment, error) from error
-    name = _study_name(space, fixed, settings, pruning_rule(base.prune), base.experiment)
+    name = settings.study_name or _study_name(space, fixed, settings, rule, base.experiment)
     search = SearchPlan(list(args), list(typed), space, fixed, settings, base, uri, storage, name, plan_metric_of(base))
     search.counts = _existing_counts(storage, name)
+    if settings.warm_start:
+        known = _known_runs(storage, name)
+        experiment_id = stores.store(uri).experiment_id(base.experiment)
+        search.warm = sum(run.info.run_id not in known for run, _ in warm_start.candidates(search, stores.store(uri), experiment_id))
     return search
+
+
+def with_preset_space(args: Sequence[str], team_dirs: Sequence[Path] = ()) -> list[str]:
+    """`args` with the search space a config gives in hydra.sweeper.params (a preset, a team's config), as
+    Hydra's Optuna sweeper takes it; a key the command line sweeps or sets itself keeps the command line's value."""
+    fixed = [a for a in args if (o := _parse(a)) is None or not o.is_sweep_override() or o.is_hydra_override()]
+    params = _sweeper_config(sources.with_search_path(fixed, team_dirs)).get("params") or {}
+    given = {o.key_or_group for a in ov.split_flags(args)[0] if (o := _parse(a)) is not None}
+    return [*args, *(f"{key}={value}" for key, value in params.items() if key.lstrip("+~") not in given)]
 
 
 def _sweeper_config(args: Sequence[str]) -> Mapping[str, Any]:
@@ -437,19 +436,31 @@ def _sweeper_config(args: Sequence[str]) -> Mapping[str, Any]:
     return node
 
 
-def _existing_counts(storage: str, name: str) -> dict[str, int]:
-    """The study's trials by state, read without creating anything (a dry run stays a dry run)."""
+def _known_runs(storage: str, name: str) -> set[str]:
+    """The runs the study already has a trial for (told or trained), read without creating anything."""
+    study = _existing_study(storage, name)
+    return set() if study is None else {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False)}
+
+
+def _existing_study(storage: str, name: str) -> optuna.Study | None:
     if not storage_exists(storage):
-        return {}
+        return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=name, storage=open_storage(storage))
+        return optuna.load_study(study_name=name, storage=open_storage(storage))
     except KeyError:  # no such study yet
-        return {}
+        return None
     except Exception as error:
         raise ConfigError(f"Optuna storage {mask_secrets(storage)} cannot be read: {str(error).splitlines()[0]}") from error
+
+
+def _existing_counts(storage: str, name: str) -> dict[str, int]:
+    """The study's trials by state (warm start aside), read without creating anything (a dry run stays a dry run)."""
+    study = _existing_study(storage, name)
     counts: dict[str, int] = {}
-    for trial in study.get_trials(deepcopy=False):
+    if study is None:
+        return counts
+    for trial in warm_start.asked(study.get_trials(deepcopy=False)):
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
     return counts
 
@@ -479,18 +490,36 @@ class Search:
         # towards n_trials, but is not made up within the same command (a config that always fails
         # would loop); the next run of the command makes up for it.
         self.budget = max(self.remaining(), 0)
+        self.asked: list[int] = []  # the numbers of the trials this command asked for
 
     @property
     def store(self) -> stores.Store:
         return stores.store(self.plan.tracking_uri)
 
     def remaining(self) -> int:
-        counted = len(self.study.get_trials(deepcopy=False, states=counted_states()))
+        counted = len(warm_start.asked(self.study.get_trials(deepcopy=False, states=counted_states())))
         return self.plan.target() - counted
 
     def to_ask(self) -> int:
         """How many trials the next batch asks for: n_jobs, or fewer near the end."""
         return max(min(self.plan.settings.n_jobs, self.remaining(), self.budget), 0)
+
+    def ask(self) -> optuna.Trial:
+        """A new trial of the search space, marked as this sweeper's (a lease's holder)."""
+        trial = self.study.ask(self.plan.distributions)
+        self.budget -= 1
+        self.asked.append(trial.number)
+        mark_owner(trial)
+        return trial
+
+    def too_many_failures(self) -> str | None:
+        """Why the search stops asking (more of this command's trials failed than max_failure_rate), or None."""
+        rate = self.plan.settings.max_failure_rate
+        failed = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in self.asked]
+        if not self.asked or len(failed) / len(self.asked) <= rate:
+            return None
+        return (f"stopping the search: {len(failed)} of this command's {len(self.asked)} trials failed, more than "
+                f"hydra.sweeper.max_failure_rate={rate:g}")
 
     def overrides(self, params: Mapping[str, Any]) -> list[str]:
         return list(self.plan.fixed) + [p.override(params[p.name]) for p in self.plan.space]
@@ -534,17 +563,20 @@ class Search:
         tags, metrics = run.data.tags, run.data.metrics
         if told_from_store:
             trial.set_user_attr("told_from_store", True)
-            self._report_epochs(trial, run)
+            if not self.plan.settings.multi_objective:  # Optuna takes per-epoch values for one objective only
+                self._report_epochs(trial, run)
         if run.info.status != "FINISHED":
             self.study.tell(trial, state=TrialState.FAIL)
             return run.info.status
         if tags.get(names.DIVERGED_TAG) == "true" or tags.get(names.PRUNED_TAG) == "true":
             self.study.tell(trial, state=TrialState.PRUNED)
             return "DIVERGED" if tags.get(names.DIVERGED_TAG) == "true" else "PRUNED"
-        if self.plan.metric not in metrics:
+        objectives = self.plan.settings.objectives
+        if any(name not in metrics for name in objectives):
             self.study.tell(trial, state=TrialState.FAIL)
             return "FAILED"
-        self.study.tell(trial, metrics[self.plan.metric])
+        values = [metrics[name] for name in objectives]
+        self.study.tell(trial, values if len(values) > 1 else values[0])
         return "FINISHED"
 
     def _report_epochs(self, trial: optuna.Trial, run: Run) -> None:
@@ -586,12 +618,17 @@ def counted_states() -> tuple:
 def _sampler(settings: Settings, space: Sequence[Param], trials_so_far: int) -> optuna.samplers.BaseSampler:
     """The sampler, its seed moved on by the study's trials: a resumed study seeded afresh with the same
     seed would draw its first random points again (duplicates, told from the store but never new)."""
-    seed = None if settings.seed is None else settings.seed + trials_so_far
-    if settings.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if settings.sampler == "grid":
-        return AskTellGridSampler(grid_space(space), seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    from hydra.utils import instantiate
+
+    node = dict(settings.sampler)
+    if node.get("seed") is not None:
+        node["seed"] += trials_so_far
+    try:
+        if settings.is_grid:  # its grid is the search space
+            return AskTellGridSampler(grid_space(space), seed=node.get("seed"))
+        return instantiate(node)
+    except Exception as error:
+        raise ConfigError(f"hydra.sweeper.sampler={settings.sampler}: cannot be built ({str(error).splitlines()[0]})") from error
 
 
 class AskTellGridSampler(optuna.samplers.GridSampler):
@@ -644,11 +681,21 @@ def mark_owner(trial: optuna.Trial) -> None:
 
 
 def open_study(plan: SearchPlan) -> optuna.Study:
-    """The plan's study, created on first use; its sampler's seed moved on by the trials it had when planned."""
+    """The plan's study, created on first use; its sampler's seed moved on by the trials it had when planned.
+    A study of that name with other directions (an explicit study_name used before) is refused in one line."""
+    study = _create_study(plan)
+    found = [d.name.lower() for d in study.directions]
+    if found != plan.directions:
+        raise ConfigError(f"study {plan.study_name}: it {' and '.join(found)}s, this search would {' and '.join(plan.directions)} "
+                          f"{', '.join(plan.settings.objectives)}; give hydra.sweeper.study_name another name")
+    return study
+
+
+def _create_study(plan: SearchPlan) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return optuna.create_study(
-            study_name=plan.study_name, storage=open_storage(plan.storage), direction=plan.direction,
+            study_name=plan.study_name, storage=open_storage(plan.storage), directions=plan.directions,
             sampler=_sampler(plan.settings, plan.space, sum(plan.counts.values())),
             pruner=plan.rule.optuna_pruner(), load_if_exists=True)
     except Exception as error:
@@ -676,24 +723,38 @@ def run(search_plan: SearchPlan) -> int:
                        params={p.name: p.typed.split("=", 1)[1] for p in search_plan.space})
     parent.store.client.set_tag(parent.run_id, names.STUDY_TAG, search_plan.study_name)
     search = Search(search_plan, study, experiment_id, parent.sweep_id, parent.run_id)
-    done = len(study.get_trials(deepcopy=False, states=counted_states()))
+    warmed = warm_start.tell(study, search_plan, warm_start.candidates(search_plan, store, experiment_id), store) \
+        if search_plan.settings.warm_start else 0
+    done = len(warm_start.asked(study.get_trials(deepcopy=False, states=counted_states())))
     print(f"search {parent.sweep_id}: study {search_plan.study_name}, {done} of {search_plan.target()} trials already done"
           + (f", {recovered} interrupted trial(s) queued again" if recovered else "")
+          + (f"; warm start: told {warmed} finished run(s) of the experiment" if warmed else "")
           + (" (re-attached to its parent run)" if parent.reattached else ""), flush=True)
     interrupted = launch(parent, [*search_plan.args, f"{SEARCH_KEY}={literal(search.to_json())}"])
     rejected = search.rejected(before)
     for line in rejected:
         print(line, flush=True)
+    best = best_lines(study, search_plan.settings.objectives)
+    note = "\n\n### The study\n\n" + "\n".join(f"- {line.strip()}" for line in best) if best else ""
     code = close_sweep(search.summary_plan(before), parent, {(search_plan.tracking_uri, search_plan.base.experiment): experiment_id},
-                       interrupted, search_plan.tracking_uri, search_plan.metric)
-    if best := _best_line(study):
-        print(best, flush=True)
+                       interrupted, search_plan.tracking_uri, search_plan.metric, note)
+    for line in best:
+        print(line, flush=True)
     return 1 if code == 0 and rejected else code
 
 
-def _best_line(study: optuna.Study) -> str:
+def best_lines(study: optuna.Study, objectives: Sequence[str]) -> list[str]:
+    """The best trial; with several objectives the study's Pareto set, one trial a line."""
+    def described(trial: optuna.trial.FrozenTrial) -> str:
+        values = ", ".join(f"{name} {value:.6g}" for name, value in zip(objectives, trial.values))
+        return f"#{trial.number}: {values} with {', '.join(f'{k}={v}' for k, v in trial.params.items())}"
+
+    if len(objectives) > 1:
+        front = sorted(study.best_trials, key=lambda t: t.number)
+        return [f"Pareto set of the study ({len(front)} trials: none is beaten on every objective by another):",
+                *(f"  {described(trial)}" for trial in front)] if front else []
     try:
         best = study.best_trial
     except ValueError:
-        return ""
-    return f"best trial #{best.number}: {best.value:.4f} with {', '.join(f'{k}={v}' for k, v in best.params.items())}"
+        return []
+    return [f"best trial #{best.number}: {best.value:.4f} with {', '.join(f'{k}={v}' for k, v in best.params.items())}"]
