@@ -93,3 +93,59 @@ def test_a_show_flag_with_a_sweep_is_one_line_naming_both(flag, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"error: {flag} shows one job and cannot be combined with -m") and "\n" not in error
     assert "--dry-run" in error
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "myhost.example"])
+def test_a_server_open_to_the_network_without_auth_is_refused_before_anything_listens(tmp_path, host):
+    result = run_cli(["--host", host, "--backend", "sqlite", "--dir", str(tmp_path / "server")], cwd=tmp_path, module="fashioncnn.server")
+    line = one_error_line(result)
+    assert line.startswith(f"error: --host {host}: other machines could reach the server, and without --auth anyone could read, "
+                           "change and delete every run; add --auth (or --insecure-no-auth to do it anyway)")
+    assert not (tmp_path / "server").exists()  # refused before anything was made
+
+
+def test_the_servers_guards_fit_the_address_it_serves():
+    from fashioncnn.cluster.server import _loopback, _web_security
+
+    assert _loopback("127.0.0.1") and _loopback("localhost") and _loopback("::1") and not _loopback("10.0.0.1")
+    assert _web_security("0.0.0.0", 5000) == []  # every interface: MLflow's defaults (localhost and private networks)
+    flags = dict(zip(*[iter(_web_security("10.0.0.5", 5001))] * 2))
+    assert flags["--allowed-hosts"].split(",") == ["localhost", "localhost:5001", "127.0.0.1", "127.0.0.1:5001", "10.0.0.5", "10.0.0.5:5001"]
+    assert flags["--cors-allowed-origins"] == "http://localhost:5001,http://127.0.0.1:5001,http://10.0.0.5:5001"
+
+
+def test_a_sqlite_servers_backup_restores_its_store_and_never_over_a_server_folder(tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from fashioncnn.cluster import backup
+
+    folder = tmp_path / "server"
+    folder.mkdir()
+    (folder / "server.json").write_text(json.dumps({"backend": "sqlite", "postgres_port": 5433, "port": 5000}))
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.create_experiment("kept", artifact_location=(folder / "artifacts").as_uri())
+    run = client.create_run(experiment, tags={"model_name": "M2.2.32.32"})
+    for epoch, value in ((1, 0.81), (2, 0.82)):
+        client.log_metric(run.info.run_id, "val_acc", value, step=epoch)
+    client.log_text(run.info.run_id, "weights", "model/weights.txt")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    archive = tmp_path / "team.tar.gz"
+    taken = run_cli(["backup", str(archive), "--dir", str(folder)], cwd=tmp_path, module="fashioncnn.server")
+    assert taken.returncode == 0, taken.stderr
+    assert archive.stat().st_mode & 0o077 == 0 and not archive.with_name("team.tar.gz.partial").exists()
+    assert one_error_line(run_cli(["backup", str(archive), "--dir", str(folder)], cwd=tmp_path, module="fashioncnn.server")) == (
+        f"error: {archive} exists: backup writes a new file; remove it or name another")
+    assert one_error_line(run_cli(["restore", str(archive), "--dir", str(folder)], cwd=tmp_path, module="fashioncnn.server")) == (
+        f"error: {folder} exists and is not empty: restore makes a new server folder; give --dir a new one")
+    restored = tmp_path / "restored"
+    made = run_cli(["restore", str(archive), "--dir", str(restored)], cwd=tmp_path, module="fashioncnn.server")
+    assert made.returncode == 0, made.stderr
+    again = MlflowClient(f"sqlite:///{restored / 'mlflow.db'}").get_run(run.info.run_id)
+    assert again.info.status == "FINISHED" and again.data.tags["model_name"] == "M2.2.32.32"
+    assert [m.value for m in MlflowClient(f"sqlite:///{restored / 'mlflow.db'}").get_metric_history(run.info.run_id, "val_acc")] == [0.81, 0.82]
+    (copy,) = restored.joinpath("artifacts").rglob("weights.txt")
+    assert copy.read_text() == "weights" and restored.stat().st_mode & 0o077 == 0
+    assert json.loads((restored / "server.json").read_text())["backend"] == "sqlite"
+    assert json.loads(backup.tarfile.open(archive).extractfile("manifest.json").read())["format"] == backup.FORMAT

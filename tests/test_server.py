@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -13,7 +14,7 @@ import pytest
 from conftest import free_port, have_postgres, run_cli, start_server, stop_server
 from mlflow.tracking import MlflowClient
 
-from fashioncnn.cluster.server import _as_postgres_user, _postgres_bin
+from fashioncnn.cluster.postgres import postgres_bin
 from fashioncnn.core.data import DEBIAN_DIR
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DEBIAN_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (CI installs it)")]
@@ -82,11 +83,130 @@ def test_sweep_into_a_postgres_backed_server_and_read_it_back_over_rest(tmp_path
             assert "hunter2" not in open(config).read()
         assert any(folder.joinpath("artifacts").rglob("config.yaml"))
 
-        count = subprocess.run(
-            [*_as_postgres_user(), _postgres_bin("psql"), "-h", "127.0.0.1", "-p", str(postgres_port), "-U", "postgres",
-             "-d", "mlflow", "-tAc", "SELECT count(*) FROM runs"], capture_output=True, text=True, check=True)
+        psql = [postgres_bin("psql"), "-h", "127.0.0.1", "-p", str(postgres_port), "-U", "postgres", "-d", "mlflow", "-tAc"]
+        password = (folder / "postgres_password").read_text().strip()
+        assert (folder / "postgres_password").stat().st_mode & 0o077 == 0 and password not in "".join(output)
+        count = subprocess.run([*psql, "SELECT count(*) FROM runs"], capture_output=True, text=True, check=True,
+                               env={**os.environ, "PGPASSWORD": password})
         assert count.stdout.strip() == "3"  # the runs really are in PostgreSQL
+        if os.geteuid() == 0:  # another local user, as on a login node: no way in without the password
+            other = subprocess.run(["runuser", "-u", "nobody", "--", *psql, "SELECT count(*) FROM runs"], capture_output=True,
+                                   text=True, env={k: v for k, v in os.environ.items() if not k.startswith("PG")}, cwd="/")
+            assert other.returncode != 0 and "password" in other.stderr, other.stderr
+            for path in [folder / "postgres_password", folder / "artifacts", next(folder.joinpath("artifacts").rglob("config.yaml"))]:
+                read = subprocess.run(["runuser", "-u", "nobody", "--", "cat" if path.is_file() else "ls", str(path)],
+                                      capture_output=True, cwd="/")
+                assert read.returncode != 0, path
         print(f"server start-up: {startup_seconds:.1f} s")
     finally:
         stop_server(server)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_users_read_each_others_runs_but_cannot_delete_them_and_other_local_users_see_nothing(tmp_path):
+    # Where other local users can walk (pytest's own folders are closed to them): the server must close its folder.
+    parent = Path(tempfile.mkdtemp(prefix="fashioncnn-users-", dir="/tmp"))
+    parent.chmod(0o755)
+    folder = parent / "server"
+    folder.mkdir()
+    folder.chmod(0o755)
+    (folder / "old-notes.txt").write_text("made before the server closed its folder")
+    (folder / "old-notes.txt").chmod(0o644)
+    port = free_port()
+    server, output = start_server(["--backend", "sqlite", "--port", str(port), "--auth"], folder)
+    try:
+        assert any(line.startswith(f"tightened {folder}: ") for line in output)
+        assert folder.stat().st_mode & 0o077 == 0 and (folder / "old-notes.txt").stat().st_mode & 0o077 == 0
+        passwords = {}
+        for name in ("alice", "bob"):
+            added = run_cli(["user", "add", name, "--dir", str(folder), "--port", str(port)], cwd=tmp_path, module="fashioncnn.server")
+            assert added.returncode == 0, added.stderr
+            passwords[name] = added.stdout.split("password: ", 1)[1].split()[0]
+        again = run_cli(["user", "add", "alice", "--dir", str(folder), "--port", str(port)], cwd=tmp_path, module="fashioncnn.server")
+        assert again.returncode == 1 and again.stderr.startswith("error: user alice: the server refused (")
+
+        def as_user(name, path, body=None):
+            import base64
+            import json
+
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/{path}", method="POST" if body else "GET",
+                                             data=json.dumps(body).encode() if body else None, headers={
+                                                 "Content-Type": "application/json",
+                                                 "Authorization": "Basic " + base64.b64encode(f"{name}:{passwords[name]}".encode()).decode()})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    return answer.status, json.loads(answer.read() or b"{}")
+            except urllib.error.HTTPError as error:
+                return error.code, {}
+
+        status, made = as_user("alice", "experiments/create", {"name": "alice-exp"})
+        assert status == 200
+        status, run = as_user("alice", "runs/create", {"experiment_id": made["experiment_id"]})
+        run_id = run["run"]["info"]["run_id"]
+        assert as_user("bob", f"runs/get?run_id={run_id}")[0] == 200  # a teammate's run: readable
+        assert as_user("bob", "runs/delete", {"run_id": run_id})[0] == 403  # but not deletable
+        assert as_user("alice", "runs/delete", {"run_id": run_id})[0] == 200  # by its owner, yes
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+        assert anonymous.value.code == 401
+        if os.geteuid() == 0:  # another local user reads none of the server's files
+            for path in (folder / "basic_auth.db", folder / "basic_auth.ini", folder / "old-notes.txt", folder / "artifacts"):
+                read = subprocess.run(["runuser", "-u", "nobody", "--", "cat" if path.is_file() else "ls", str(path)],
+                                      capture_output=True, cwd="/")
+                assert read.returncode != 0, path
+    finally:
+        stop_server(server)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.mark.skipif(not have_postgres, reason="needs PostgreSQL (make test installs it: apt-get install postgresql)")
+def test_a_backup_taken_while_the_server_runs_restores_into_a_new_folder_with_the_same_runs_and_models(tmp_path):
+    backend = "postgres"  # the team's server (a sqlite server's backup: tests/test_bad_input.py)
+    parent = Path(tempfile.mkdtemp(prefix="fashioncnn-backup-", dir="/tmp"))
+    parent.chmod(0o755)  # PostgreSQL's own user walks to its cluster in the restored folder too
+    folder, restored, archive = parent / "server", parent / "restored", parent / "team.tar.gz"
+    port = free_port()
+    server, _ = start_server(["--backend", backend, "--port", str(port), "--postgres-port", str(free_port())], folder)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        result = run_cli(["-m", "conv=2,3", "model.filter_in=4", "model.filter_out=4", "subset=64", "epochs=2", "experiment=kept",
+                          f"tracking_uri={uri}", "system_metrics=false"], cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        registered = run_cli(["kept", "--tracking-uri", uri], cwd=tmp_path, module="fashioncnn.register")
+        assert registered.returncode == 0, registered.stderr
+        taken = run_cli(["backup", str(archive), "--dir", str(folder)], cwd=tmp_path, module="fashioncnn.server")
+        assert taken.returncode == 0, taken.stderr
+        assert archive.stat().st_mode & 0o077 == 0
+        before = _store_contents(uri)
+    finally:
+        stop_server(server)
+    again = run_cli(["restore", str(archive), "--dir", str(folder)], cwd=tmp_path, module="fashioncnn.server")
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr  # never over a server folder
+    made = run_cli(["restore", str(archive), "--dir", str(restored), "--postgres-port", str(free_port())], cwd=tmp_path,
+                   module="fashioncnn.server")
+    assert made.returncode == 0, made.stderr
+    port = free_port()
+    server, _ = start_server(["--backend", backend, "--port", str(port), "--postgres-port", str(free_port())], restored)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        assert _store_contents(uri) == before
+        (version,) = MlflowClient(uri).search_model_versions()
+        model = subprocess.run([sys.executable, "-c", "import mlflow, numpy; m = mlflow.pyfunc.load_model("
+                                f"'models:/{version.name}/{version.version}'); print(m.predict(numpy.zeros((1, 1, 28, 28), 'float32')).shape)"],
+                               capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
+        assert model.returncode == 0 and model.stdout.strip().endswith("(1, 10)"), model.stderr[-2000:]
+    finally:
+        stop_server(server)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def _store_contents(uri):
+    """Every run of the server with its status, params, tags and metric histories, and the registered models."""
+    client = MlflowClient(uri)
+    found = {}
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id]):
+            histories = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] for key in run.data.metrics}
+            found[run.info.run_id] = (experiment.name, run.info.status, run.data.params, run.data.tags, histories)
+    models = sorted((v.name, v.version, v.run_id) for v in client.search_model_versions())
+    return found, models

@@ -8,78 +8,32 @@ artifacts in DIR/artifacts served through the server (--artifacts-destination), 
 access to the server's disk. Both stop together on Ctrl-C or SIGTERM. Sweeps log to it with
 MLFLOW_TRACKING_URI=http://HOST:PORT. `--auth` turns on MLflow's basic authentication (an admin
 password is generated into DIR/basic_auth.ini; clients set MLFLOW_TRACKING_USERNAME and
-MLFLOW_TRACKING_PASSWORD). It binds to 127.0.0.1 unless --host says
-otherwise: opening it to a network is a decision to take with --auth on.
+MLFLOW_TRACKING_PASSWORD).
+
+Closed to the other users of the host (a login node has many): everything the server writes is its
+user's alone (umask 077; DIR itself lets only PostgreSQL's user through when root runs it), the database
+takes a password (scram-sha-256, generated into DIR/postgres_password, mode 600, never printed), and a
+folder made before these rules is tightened when the server starts, with a line saying so. It binds to
+127.0.0.1 unless --host says otherwise, and refuses any other address without --auth (or the explicit
+--insecure-no-auth), before anything listens.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
+import base64
+import ipaddress
+import json
 import os
+import re
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from fashioncnn.cluster.postgres import SERVER_FILE, close_folder, secret, start_postgres, wait_for_port
 from fashioncnn.tracking.secrets import mask_secrets
-
-DATABASE = "mlflow"
-
-
-def _postgres_bin(name: str) -> str:
-    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
-    if not found:
-        sys.exit(f"error: PostgreSQL's {name} not found; install it (Debian/Ubuntu: apt-get install postgresql)")
-    return found
-
-
-def _as_postgres_user() -> list[str]:
-    # PostgreSQL refuses to run as root; root runs it as the `postgres` user Debian's package creates.
-    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-
-
-def _wait_for_port(host: str, port: int, process: subprocess.Popen, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            sys.exit(f"error: {what} exited with code {process.returncode}")
-        with socket.socket() as probe:
-            if probe.connect_ex((host, port)) == 0:
-                return
-        if time.monotonic() > deadline:
-            sys.exit(f"error: {what} did not listen on {host}:{port} within {timeout:.0f} s")
-        time.sleep(0.3)
-
-
-def start_postgres(folder: Path, port: int) -> tuple[subprocess.Popen, str]:
-    """Start PostgreSQL on 127.0.0.1:port with its data in `folder`; return the process and the database URI."""
-    data = folder / "postgres"
-    runner = _as_postgres_user()
-    if not (data / "PG_VERSION").exists():
-        data.mkdir(parents=True, exist_ok=True)
-        if runner:
-            shutil.chown(data, "postgres", "postgres")
-        subprocess.run([*runner, _postgres_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                       check=True, stdout=subprocess.DEVNULL)
-    process = subprocess.Popen(
-        [*runner, _postgres_bin("postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(data)],
-        stdout=subprocess.DEVNULL, stderr=open(folder / "postgres.log", "a"),
-    )
-    _wait_for_port("127.0.0.1", port, process, "PostgreSQL")
-    for _ in range(50):  # accepting TCP connections comes a moment before accepting logins
-        exists = subprocess.run([*runner, _postgres_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-tAc",
-                                 f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"], capture_output=True, text=True)
-        if exists.returncode == 0:
-            break
-        time.sleep(0.2)
-    if exists.stdout.strip() != "1":
-        subprocess.run([*runner, _postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", DATABASE], check=True)
-    return process, f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"
 
 
 def _auth_config(folder: Path) -> Path:
@@ -98,8 +52,72 @@ def _auth_config(folder: Path) -> Path:
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fashioncnn.server", description=__doc__.split("\n\n")[0])
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any interface
+
+
+def _web_security(host: str, port: int) -> list[str]:
+    """MLflow's own guards against DNS rebinding and cross-site requests, fitted to the address served: the Host
+    headers a browser may send, and the origins its pages may call from. For 0.0.0.0 (every interface) MLflow's
+    defaults stay: localhost and the private networks' addresses."""
+    if host in ("0.0.0.0", "::"):
+        return []
+    names = ["localhost", "127.0.0.1", *([] if _loopback(host) else [host])]
+    hosts = ",".join(f"{name}{suffix}" for name in names for suffix in ("", f":{port}"))
+    origins = ",".join(f"http://{name}:{port}" for name in names)
+    return ["--allowed-hosts", hosts, "--cors-allowed-origins", origins]
+
+
+def add_user(argv: list[str]) -> int:
+    """`python -m fashioncnn.server user add NAME`: a teammate's account on a running --auth server, through MLflow's
+    REST API as its admin; the password is generated and shown once."""
+    import configparser
+    import urllib.error
+    import urllib.request
+
+    parser = argparse.ArgumentParser(prog="python -m fashioncnn.server user add",
+                                     description="Create a user of a running server started with --auth; prints the password once.",
+                                     epilog="example: python -m fashioncnn.server user add alice --dir server --port 5000")
+    parser.add_argument("name", metavar="NAME")
+    parser.add_argument("--dir", type=Path, default=Path("server"), help="the server's folder (its admin password is there)")
+    parser.add_argument("--port", type=int, default=5000, help="the server's port on this machine (default 5000)")
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", args.name):
+        parser.exit(2, f"error: user name {args.name!r}: letters, digits and _ . @ - only (at most 64, starting with a letter or digit)\n")
+    ini = args.dir / "basic_auth.ini"
+    if not ini.exists():
+        parser.exit(2, f"error: {ini} not found: user add needs the folder of a server started with --auth (--dir)\n")
+    config = configparser.ConfigParser()
+    config.read(ini)
+    admin = config["mlflow"]
+    password = secrets.token_urlsafe(12)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{args.port}/api/2.0/mlflow/users/create", method="POST",
+        data=json.dumps({"username": args.name, "password": password}).encode(), headers={
+            "Content-Type": "application/json",
+            "Authorization": "Basic " + base64.b64encode(f"{admin['admin_username']}:{admin['admin_password']}".encode()).decode()})
+    try:
+        urllib.request.urlopen(request, timeout=30).read()
+    except urllib.error.HTTPError as error:
+        detail = json.loads(error.read() or b"{}").get("message", error.reason)
+        parser.exit(1, f"error: user {args.name}: the server refused ({error.code}: {detail})\n")
+    except OSError as error:
+        parser.exit(1, f"error: no server answers on 127.0.0.1:{args.port} ({error}); start it with python -m fashioncnn.server --auth\n")
+    print(f"user {args.name} created; password: {password}\n(shown once: hand it to {args.name}, who sets "
+          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; teammates can read their runs, not change or delete them)")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fashioncnn.server", description=__doc__.split("\n\n")[0],
+                                     epilog="Users (with --auth): python -m fashioncnn.server user add NAME --dir DIR. "
+                                            "Backup: python -m fashioncnn.server backup FILE --dir DIR; restore: "
+                                            "python -m fashioncnn.server restore FILE --dir NEWDIR")
     parser.add_argument("--backend", choices=["postgres", "sqlite"], default="postgres")
     parser.add_argument("--backend-uri", help="an existing database instead (e.g. postgresql://user:pass@db/mlflow)")
     parser.add_argument("--dir", type=Path, default=Path("server"), help="database and artifacts live here (default ./server)")
@@ -107,10 +125,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--postgres-port", type=int, default=5433)
     parser.add_argument("--auth", action="store_true", help="MLflow's basic authentication (admin user: see README)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="serve an address other than loopback without --auth: anyone who reaches it can read, write and delete")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["user", "add"]:
+        return add_user(argv[2:])
+    if argv[:1] in (["backup"], ["restore"]):
+        from fashioncnn.cluster import backup
+
+        return backup.main(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not _loopback(args.host) and not args.auth and not args.insecure_no_auth:
+        parser.exit(2, f"error: --host {args.host}: other machines could reach the server, and without --auth anyone could read, "
+                       "change and delete every run; add --auth (or --insecure-no-auth to do it anyway)\n")
+    os.umask(0o077)  # the database, the users' passwords and every logged model: this user's alone
     folder = args.dir.resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    close_folder(folder, postgres=args.backend == "postgres" and not args.backend_uri)
     children: list[subprocess.Popen] = []
     if args.backend_uri:
         backend = args.backend_uri
@@ -119,24 +155,32 @@ def main(argv: list[str] | None = None) -> int:
         children.append(database)
     else:
         backend = f"sqlite:///{folder / 'mlflow.db'}"
-    command = [
-        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-        "--artifacts-destination", str(folder / "artifacts"), "--host", args.host, "--port", str(args.port),
-    ]
+    # What backup needs to find the running server's database.
+    (folder / SERVER_FILE).write_text(json.dumps({"backend": "uri" if args.backend_uri else args.backend,
+                                                  "postgres_port": args.postgres_port, "port": args.port}) + "\n")
+    server = subprocess.Popen(_mlflow_command(args, backend, folder), env=_environment(args, folder))
+    children.append(server)
+    return _serve(args, server, children, backend, folder)
+
+
+def _mlflow_command(args: argparse.Namespace, backend: str, folder: Path) -> list[str]:
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
+               str(folder / "artifacts"), "--host", args.host, "--port", str(args.port), *_web_security(args.host, args.port)]
+    return command + (["--app-name", "basic-auth"] if args.auth else [])
+
+
+def _environment(args: argparse.Namespace, folder: Path) -> dict[str, str]:
     environment = dict(os.environ)
     if args.auth:
-        command += ["--app-name", "basic-auth"]
         # The auth app's CSRF protection needs a key that survives restarts: made once, kept private in DIR.
-        key_file = folder / "flask_secret_key"
         if "MLFLOW_FLASK_SERVER_SECRET_KEY" not in environment:
-            if not key_file.exists():
-                key_file.touch(mode=0o600)
-                key_file.write_text(secrets.token_hex(32))
-            environment["MLFLOW_FLASK_SERVER_SECRET_KEY"] = key_file.read_text().strip()
+            environment["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secret(folder / "flask_secret_key")
         environment.setdefault("MLFLOW_AUTH_CONFIG_PATH", str(_auth_config(folder)))
-    server = subprocess.Popen(command, env=environment)
-    children.append(server)
+    return environment
 
+
+def _serve(args: argparse.Namespace, server: subprocess.Popen, children: list[subprocess.Popen], backend: str, folder: Path) -> int:
+    """Wait for the server to listen and say where; stop every child together on Ctrl-C or SIGTERM."""
     def stop(*_: object) -> None:
         for child in reversed(children):
             if child.poll() is None:
@@ -149,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
     try:
-        _wait_for_port("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, args.port, server, "mlflow server")
+        wait_for_port("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, args.port, server, "mlflow server")
         print(f"MLflow tracking server: http://{args.host}:{args.port}  (backend {mask_secrets(backend)}, "
               f"artifacts {folder / 'artifacts'}); log to it with MLFLOW_TRACKING_URI=http://{args.host}:{args.port}", flush=True)
         return server.wait()
