@@ -24,7 +24,7 @@ from fashioncnn.core.config import ConfigError
 from fashioncnn.sweep import preflight
 from fashioncnn.sweep.plan import fingerprint
 from fashioncnn.tracking import names, record, stores
-from fashioncnn.tracking.queries import param_value
+from fashioncnn.tracking.queries import is_diverged, is_pruned, param_value
 
 # The plan and its parameters are fashioncnn.sweep.search's SearchPlan and Param (which imports this module).
 SearchPlan = Any
@@ -58,7 +58,7 @@ def candidates(plan: SearchPlan, store: stores.Store, experiment_id: str | None)
 
 
 def learned(run: Run) -> bool:
-    return run.data.tags.get(names.DIVERGED_TAG) != "true" and run.data.tags.get(names.PRUNED_TAG) != "true"
+    return not is_diverged(run) and not is_pruned(run)
 
 
 def tellable(run: Run, objectives: Sequence[str]) -> bool:
