@@ -119,8 +119,12 @@ def _describe(plan) -> None:  # noqa: ANN001  (a grid's Plan or a search's Searc
     from fashioncnn.sweep import estimate
     from fashioncnn.tracking.secrets import mask_secrets
 
+    grid = hasattr(plan, "jobs")
+    uri, experiment = (plan.jobs[0].tracking_uri, plan.jobs[0].cfg.experiment) if grid else (plan.tracking_uri, plan.base.experiment)
+    launcher = next((a.split("=", 1)[1] for a in plan.args if a.startswith("hydra/launcher=")), "basic (one job after another, here)")
+    print(f"planned against store {mask_secrets(uri)}, experiment {experiment}, launcher {launcher}")
     print(plan.describe())
-    if not hasattr(plan, "jobs"):  # a search: its trials' models are not known before they are sampled
+    if not grid:  # a search: its trials' models are not known before they are sampled
         print("estimated training time: not available for a sampled search (each trial's model is sampled as it starts)")
         return
     notes: list[str] = []

@@ -63,8 +63,14 @@ def test_a_sweep_expands_to_every_combination():
         (["optim=rmsprop"], "optim=rmsprop: no option 'rmsprop' in config group 'optim'; available: adam, adamw, sgd"),
         (["optim.momentum=0.5"], "optim.momentum=0.5: not allowed with optim=adam (torch.optim.Adam has no momentum)"),
         (["optim._target_=torch.optim.RMSprop"], "optim._target_=torch.optim.RMSprop: optim.name=adam is the built-in option"),
-        (["foo=1"], "foo=1: unknown key 'foo'; known keys: model.conv, model.lin,"),
-        (["+foo=1"], "foo: unknown key; known keys:"),
+        (["foo=1"], "foo=1: unknown key 'foo'; every key: python -m fashioncnn --cfg job"),
+        (["+foo=1"], "foo: unknown key; every key: python -m fashioncnn --cfg job"),
+        (["epoch=3"], "epoch=3: unknown key 'epoch'; did you mean epochs?"),
+        (["optim.l=0.1"], "optim.l=0.1: unknown key 'optim.l'; did you mean optim.lr or"),
+        (["study=step1-conv"], "study=step1-conv: study is not chosen by default, so it is added with a +: +study=step1-conv"),
+        (["-m", "conv=2,", "3"], "conv=2, 3: a space after a comma splits the list into two arguments; write conv=2,3 (no space)"),
+        (["-m", "conv=2,3", "hydra.sweeper.n_trial=1"], "hydra.sweeper.n_trial=1: unknown key 'hydra.sweeper.n_trial'; "
+                                                         "did you mean hydra.sweeper.n_trials?"),
         (["conv=4"], "conv=4: no option '4' in config group 'conv'; available: 1, 2, 3; "
                      "a value outside the group is set directly, e.g. model.conv=4"),
         (["channels=32.16"], "channels=32.16: no option '32.16' in config group 'channels'; available: 16.32, 32.32, 32.64, 64.128"),
@@ -92,3 +98,20 @@ def test_a_bad_sweep_is_refused_before_any_job_trains(tmp_path):
         "28x28 images at most 3 conv blocks fit (model.conv=4) (in job model.conv=4 subset=64 epochs=1)"
     ]
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_mlflows_experiment_variable_names_the_default_experiment_and_the_command_line_wins(monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-lr")
+    assert compose_one().experiment == "team-lr"
+    assert compose_one("experiment=mine").experiment == "mine"
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    assert compose_one().experiment == "fashioncnn"
+
+
+def test_the_closing_ui_hint_names_the_store_in_use(tmp_path):
+    from fashioncnn.tracking.links import ui_hint
+    from fashioncnn.tracking.stores import default_tracking_uri
+
+    assert ui_hint(default_tracking_uri()) == "start the UI with: make ui"
+    assert ui_hint(f"sqlite:///{tmp_path}/team.db") == f"start the UI with: mlflow ui --backend-store-uri sqlite:///{tmp_path}/team.db"
+    assert ui_hint("http://alice:secret@127.0.0.1:5000") == ""  # a server is its own UI: the run's link says where

@@ -31,14 +31,19 @@ def test_no_function_of_the_package_is_over_60_lines():
 def test_the_console_script_runs_the_sweep_and_every_companion_command(tmp_path):
     script = Path(sys.executable).parent / "fashioncnn"
     shown = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0 and "== Configuration groups ==" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and shown.stdout.startswith("fashioncnn: train small convolutional networks"), shown.stderr
+    assert "--dry-run" in shown.stdout and " -m " in shown.stdout and "+study=step1-conv" in shown.stdout
+    assert "\nconv: 1, 2, 3\n" in shown.stdout and "== Config ==" not in shown.stdout  # the groups, not the whole config
+    from fashioncnn.cli import COMMANDS
+
+    assert all(f"  {command} " in shown.stdout for command in COMMANDS)  # every companion command, none left out
     refused = subprocess.run([str(script), "conv=7"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr.startswith("error: conv=7: no option '7' in config group 'conv'")
-    from fashioncnn.cli import COMMANDS
 
     for command in COMMANDS:
         helped = subprocess.run([str(script), command, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert helped.returncode == 0 and "usage:" in helped.stdout, (command, helped.stdout, helped.stderr)
+        assert "example" in helped.stdout or "e.g." in helped.stdout, (command, helped.stdout)  # each shows how it is used
     described = subprocess.run([str(script), "model", "M2.3.32.64"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert described.returncode == 0 and "total parameters:" in described.stdout, described.stderr
     # The companion commands' python -m doors answer as before.

@@ -165,7 +165,9 @@ def test_the_command_line_takes_sweep_functions(tmp_path):
     lines = result.stdout.splitlines()
     assert "12 jobs: 12 to train, 0 to resume, 0 already finished" in lines
     assert lines[-1].startswith("estimated training time: ") and "for 12 jobs" in lines[-1]
-    assert lines[0] == "#0 M1.2.64.128  conv=1 lin=2 channels=64.128 lr=0.001 speed.threads=1: train"
+    assert lines[0].startswith("planned against store sqlite:///") and lines[0].endswith(
+        "mlruns/mlflow.db, experiment fashioncnn, launcher basic (one job after another, here)")
+    assert lines[1] == "#0 M1.2.64.128  conv=1 lin=2 channels=64.128 lr=0.001 speed.threads=1: train"
     assert "notice: threads=1 is now spelled speed.threads=1" in result.stderr
     assert not (tmp_path / "mlruns").exists()  # a dry run reads the store and never creates it
     bad = run_cli(["-m", "lr=interval(0.001,0.01)"], cwd=tmp_path)

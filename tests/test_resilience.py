@@ -168,7 +168,7 @@ def test_dry_run_lists_jobs_and_trains_nothing(tmp_path):
     result = run_cli(["-m", "conv=2,3", "lr=0.01,0.001", "--dry-run"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    assert lines[0] == "#0 M2.2.32.32   conv=2 lr=0.01: train"
+    assert lines[1] == "#0 M2.2.32.32   conv=2 lr=0.01: train"  # after the store, experiment and launcher
     assert "4 jobs: 4 to train, 0 to resume, 0 already finished" in lines
     assert lines[-1].startswith("estimated training time: ") and "for 4 jobs" in lines[-1]
     assert not (tmp_path / "mlruns").exists()  # a dry run only reads the store: it creates nothing

@@ -78,8 +78,9 @@ def test_a_preset_gives_the_space_and_the_official_keys(tmp_path):
     result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("optuna search, study my-study in sqlite:///")
-    assert lines[1] == "sampler random (seed 7), n_trials 3, 1 per batch, maximize best_val_acc, pruner none"
+    assert lines[0].startswith("planned against store sqlite:///") and "experiment fashioncnn, launcher basic" in lines[0]
+    assert lines[1].startswith("optuna search, study my-study in sqlite:///")
+    assert lines[2] == "sampler random (seed 7), n_trials 3, 1 per batch, maximize best_val_acc, pruner none"
     space = "\n".join(lines)
     assert "conv: options 1, 2  (conv=1,2)" in space and "optim.lr: float in [0.0001, 0.01] log scale" in space
     assert "lin: options 2, 3  (lin=2,3)" in space  # the command line adds to the preset's space

@@ -208,3 +208,22 @@ def test_seconds_to_90_counts_training_time_until_the_accuracy_first_reaches_it(
     assert TrainResult(history=history).seconds_to_90 == 20.0  # by validation accuracy where there is one
     assert TrainResult(history=[EpochMetrics(e, 1, 1, 1, t, 10.0) for e, t in ((1, 0.85), (2, 0.91))]).seconds_to_90 == 20.0
     assert TrainResult(history=[EpochMetrics(1, 1, 1, 1, 0.5, 10.0)]).seconds_to_90 is None
+
+
+def test_an_empty_source_name_is_named_as_empty(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from fashioncnn.tracking.queries import ResultsError, select
+
+    with pytest.raises(ResultsError, match=r"^an empty name: give an experiment name, a sweep id or a run id"):
+        select(MlflowClient(f"sqlite:///{tmp_path / 'store.db'}"), " ")
+
+
+def test_predict_before_any_register_says_to_register(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from fashioncnn.serving.predict import _what_exists
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'store.db'}")
+    assert _what_exists(client, "models:/shirts@champion") == (
+        "; no model is registered yet: register a sweep's best with python -m fashioncnn.register EXPERIMENT")

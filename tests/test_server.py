@@ -169,11 +169,7 @@ def test_a_backup_taken_while_the_server_runs_restores_into_a_new_folder_with_th
     server, _ = start_server(["--backend", backend, "--port", str(port), "--postgres-port", str(free_port())], folder)
     uri = f"http://127.0.0.1:{port}"
     try:
-        result = run_cli(["-m", "conv=2,3", "model.filter_in=4", "model.filter_out=4", "subset=64", "epochs=2", "experiment=kept",
-                          f"tracking_uri={uri}", "system_metrics=false"], cwd=tmp_path)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-        registered = run_cli(["kept", "--tracking-uri", uri], cwd=tmp_path, module="fashioncnn.register")
-        assert registered.returncode == 0, registered.stderr
+        fill_through_the_api(uri, tmp_path)
         taken = run_cli(["backup", str(archive), "--dir", str(folder)], cwd=tmp_path, module="fashioncnn.server")
         assert taken.returncode == 0, taken.stderr
         assert archive.stat().st_mode & 0o077 == 0
@@ -191,10 +187,10 @@ def test_a_backup_taken_while_the_server_runs_restores_into_a_new_folder_with_th
         uri = f"http://127.0.0.1:{port}"
         assert _store_contents(uri) == before
         (version,) = MlflowClient(uri).search_model_versions()
-        model = subprocess.run([sys.executable, "-c", "import mlflow, numpy; m = mlflow.pyfunc.load_model("
-                                f"'models:/{version.name}/{version.version}'); print(m.predict(numpy.zeros((1, 1, 28, 28), 'float32')).shape)"],
+        model = subprocess.run([sys.executable, "-c", "import mlflow; m = mlflow.pyfunc.load_model("
+                                f"'models:/{version.name}/{version.version}'); print(m.predict([1, 2, 3]))"],
                                capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
-        assert model.returncode == 0 and model.stdout.strip().endswith("(1, 10)"), model.stderr[-2000:]
+        assert model.returncode == 0 and model.stdout.strip().endswith("[2, 4, 6]"), model.stderr[-2000:]  # the logged model works
     finally:
         stop_server(server)
         shutil.rmtree(parent, ignore_errors=True)
@@ -210,3 +206,56 @@ def _store_contents(uri):
             found[run.info.run_id] = (experiment.name, run.info.status, run.data.params, run.data.tags, histories)
     models = sorted((v.name, v.version, v.run_id) for v in client.search_model_versions())
     return found, models
+
+
+def test_several_sweeps_at_once_land_every_epoch_exactly_once(postgres_server, tmp_path):
+    """A team's load, bounded: 4 commands x 2 jobs at the same time (one through the joblib launcher) against one
+    server on loopback; every run ends FINISHED with each epoch's metrics logged once."""
+    commands = []
+    for index in range(4):
+        args = ["-m", "conv=2,3", f"seed={index}", "model.filter_in=4", "model.filter_out=4", "subset=64", "val_size=100",
+                "epochs=3", "speed.threads=1", "system_metrics=false", "log_model=false", f"experiment=load-{index}",
+                f"tracking_uri={postgres_server}", *(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if index == 0 else [])]
+        cwd = tmp_path / f"command-{index}"
+        cwd.mkdir()
+        commands.append(subprocess.Popen([sys.executable, "-m", "fashioncnn", *args], cwd=cwd, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True))
+    for command in commands:
+        output = command.communicate(timeout=600)[0]
+        assert command.returncode == 0, output[-3000:]
+    client = MlflowClient(postgres_server)
+    for index in range(4):
+        runs = client.search_runs([client.get_experiment_by_name(f"load-{index}").experiment_id], "tags.`fashioncnn.role` = 'job'")
+        assert len(runs) == 2
+        for run in runs:
+            assert run.info.status == "FINISHED"
+            for key in ("train_loss", "val_acc", "test_acc"):
+                steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+                assert sorted(steps) == [1, 2, 3], (run.info.run_id, key, steps)  # each epoch once: none lost, none twice
+
+
+FILL = """
+import sys, mlflow
+
+class Doubler(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return [2 * x for x in model_input]
+
+mlflow.set_tracking_uri(sys.argv[1])
+mlflow.set_experiment("kept")
+for index in range(3):
+    with mlflow.start_run(tags={"fashioncnn.role": "job"}) as run:
+        mlflow.log_params({"model.conv": index, "optim.lr": 0.01})
+        for epoch in (1, 2):
+            mlflow.log_metric("val_acc", 0.5 + index / 10 + epoch / 100, step=epoch)
+        if index == 2:
+            info = mlflow.pyfunc.log_model(name="model", python_model=Doubler())
+mlflow.register_model(info.model_uri, "kept")
+"""
+
+
+def fill_through_the_api(uri, cwd):
+    """Runs with params and per-epoch metrics, a logged model and its registered version, as a team's server holds them."""
+    done = subprocess.run([sys.executable, "-c", FILL, uri], capture_output=True, text=True, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+

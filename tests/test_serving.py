@@ -293,3 +293,21 @@ def test_predict_takes_a_run_id_for_its_model_and_names_what_exists_when_a_model
         predict.resolve(client, EXPERIMENT)
     assert predict._what_exists(client, f"models:/{EXPERIMENT}@nope") == f"; {EXPERIMENT} has versions 1, aliases @champion = version 1"
     assert predict._what_exists(client, "models:/nope/1") == f"; registered models: {EXPERIMENT}"
+
+
+def test_a_picture_with_too_many_pixels_is_refused_before_it_is_decoded(tmp_path):
+    import struct
+    import zlib
+
+    def png_header(width, height):  # a valid PNG's first chunks: the size is all Image.open reads
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+    for side in (5000, 20000):  # above the limit; far above it (PIL's own decompression-bomb guard fires first)
+        bomb = tmp_path / f"bomb-{side}.png"
+        bomb.write_bytes(png_header(side, side))
+        with pytest.raises(predict.InputError) as refused:
+            predict.read_inputs(bomb)
+        assert str(refused.value).startswith(f"{bomb}: ") and "above the limit of 16,777,216 (4096x4096); shrink it first" in str(refused.value)

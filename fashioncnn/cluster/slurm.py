@@ -242,7 +242,10 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fashioncnn.slurm_cluster", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fashioncnn.slurm_cluster", description=__doc__.split("\n\n")[0],
+                                     epilog="example: python -m fashioncnn.slurm_cluster --dir slurm   (then, in another shell: "
+                                            "export SLURM_CONF=$PWD/slurm/slurm.conf; python -m fashioncnn -m "
+                                            "hydra/launcher=submitit_slurm hydra.launcher.partition=debug conv=2,3)")
     parser.add_argument("--dir", type=Path, default=Path("slurm"), help="config, state, logs and munge key (default ./slurm)")
     parser.add_argument("--kill-wait", type=int, default=30, help="seconds between a cancelled job's SIGTERM and SIGKILL")
     args = parser.parse_args(argv)

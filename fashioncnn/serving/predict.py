@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
 SIDE = 28  # model.IMAGE_SIZE; model.py imports torch, which the checks of the arguments need not wait for
+MAX_SIDE = 4096
+MAX_PIXELS = MAX_SIDE * MAX_SIDE  # a picture to classify; more is refused before decoding (a decompression bomb)
 TRIM_THRESHOLD = 0.10
 BATCH = 1000
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -101,8 +103,14 @@ def read_inputs(path: Path) -> list[tuple[str, np.ndarray]]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only: the size is known before any pixel is decoded
+            if image.width * image.height > MAX_PIXELS:
+                raise InputError(f"{path}: {image.width}x{image.height} pixels, above the limit of {MAX_PIXELS:,} "
+                                 f"({MAX_SIDE}x{MAX_SIDE}); shrink it first (the model sees {SIDE}x{SIDE})")
             return [(str(path), prepare_image(image))]
+    except Image.DecompressionBombError as error:  # PIL's own guard, for sizes far beyond ours
+        raise InputError(f"{path}: too many pixels to decode safely, above the limit of {MAX_PIXELS:,} ({MAX_SIDE}x{MAX_SIDE}); "
+                         f"shrink it first (the model sees {SIDE}x{SIDE})") from error
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise InputError(f"{path}: not a PNG/JPEG image or an IDX file ({type(error).__name__})") from error
 
@@ -118,7 +126,9 @@ def _what_exists(client: MlflowClient, uri: str) -> str:
         model = client.get_registered_model(name)
     except MlflowException:
         names = sorted(m.name for m in client.search_registered_models(max_results=50))
-        return f"; registered models: {', '.join(names) or '(none)'}"
+        if not names:
+            return "; no model is registered yet: register a sweep's best with python -m fashioncnn.register EXPERIMENT"
+        return f"; registered models: {', '.join(names)}"
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
     aliases = ", ".join(f"@{alias} = version {version}" for alias, version in sorted(model.aliases.items()))
     return f"; {name} has versions {', '.join(map(str, versions)) or '(none)'}, aliases {aliases or '(none)'}"
@@ -154,7 +164,8 @@ def predict(model_uri: str, inputs: list[tuple[str, np.ndarray]]) -> list[tuple[
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fashioncnn.predict",
-        description="Classify PNG/JPEG pictures or IDX files with a logged or registered fashioncnn model.")
+        description="Classify PNG/JPEG pictures or IDX files with a logged or registered fashioncnn model.",
+        epilog="example: python -m fashioncnn.predict models:/fashioncnn@champion shirt.png t10k-images-idx3-ubyte.gz")
     parser.add_argument("model", metavar="MODEL", help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/<model id>, or a run id")
     parser.add_argument("files", metavar="FILE", nargs="+", type=Path, help="PNG/JPEG pictures, IDX image files (.gz or not)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)")

@@ -112,7 +112,9 @@ def register(client: MlflowClient, source: str, name: str | None = None, metric_
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fashioncnn.register",
-        description="Register the best finished run's logged model in the MLflow Model Registry, with alias champion.")
+        description="Register the best finished run's logged model in the MLflow Model Registry, with alias champion.",
+        epilog="example: python -m fashioncnn.register fashioncnn   (then: python -m fashioncnn.predict "
+               "models:/fashioncnn@champion shirt.png)")
     parser.add_argument("source", metavar="SOURCE", help="experiment name, sweep id or (parent) run id")
     parser.add_argument("--name", help="registered model name (default: the best run's experiment)")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help="what ranks the runs (default: %(default)s)")

@@ -20,7 +20,7 @@ from fashioncnn.job.decision import Decision, TrialRef, literal
 from fashioncnn.sweep.parent import ParentRun
 from fashioncnn.sweep.plan import Plan, PlannedJob, store_error
 from fashioncnn.sweep.summary import FAILED_STATUSES, RUNNING_ELSEWHERE, plan_metric, pruning_line, summarize, summary_text
-from fashioncnn.tracking import stores
+from fashioncnn.tracking import links, stores
 
 # A command whose jobs another live process still trains: not a failure, and not done.
 RUNNING_ELSEWHERE_EXIT = 3
@@ -112,8 +112,8 @@ def close_sweep(plan: Plan, parent: ParentRun, experiment_ids: Mapping[tuple[str
     print(summary_text(rows) if rows else "no jobs ran", flush=True)
     if saved:
         print(pruning_line(rows, saved), flush=True)
-    local = not tracking_uri.startswith(("http://", "https://"))
-    print(f"in MLflow: {parent.url}" + ("  (start the UI with: make ui)" if local else ""), flush=True)
+    hint = links.ui_hint(tracking_uri)
+    print(f"in MLflow: {parent.url}" + (f"  ({hint})" if hint else ""), flush=True)
     elsewhere = [row for row in rows if row["status"] == RUNNING_ELSEWHERE]
     if elsewhere and not interrupted:
         print(elsewhere_line(elsewhere, stores.store(tracking_uri)), file=sys.stderr, flush=True)

@@ -123,6 +123,7 @@ def rewrite(args: Sequence[str], options: Mapping[str, Sequence[str]]) -> tuple[
     ConfigError for a sweep that cannot name options (interval(...) on a group, an empty glob).
     """
     args, notices = rename_legacy(args)
+    _refuse_split_lists(args)
     rewritten, skip_next = [], False
     for arg in args:
         if skip_next or arg.startswith("-"):
@@ -152,6 +153,15 @@ COMPONENT_GROUPS = ("optim", "schedule", "prune")
 
 # The Optuna sweeper's own pruning keys of before, now the prune group's: old key -> prune key.
 _SWEEPER_PRUNING = {"startup_trials": "min_siblings", "reduction_factor": "reduction_factor"}
+
+
+def _refuse_split_lists(args: Sequence[str]) -> None:
+    """`conv=2, 3`: the shell made two arguments of one list; say so rather than let the parser guess."""
+    for arg, following in zip(args, [*args[1:], ""]):
+        if "=" in arg and arg.endswith(",") and not arg.startswith("-"):
+            joined = f"{arg}{following}" if following and "=" not in following and not following.startswith("-") else f"{arg[:-1]}"
+            raise ConfigError(f"{arg} {following}".rstrip() + f": a space after a comma splits the list into two arguments; "
+                              f"write {joined} (no space), or quote it")
 
 
 def rename_legacy(args: Sequence[str]) -> tuple[list[str], list[str]]:

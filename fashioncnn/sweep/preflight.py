@@ -151,7 +151,7 @@ def _check_unknown_keys(cfg: DictConfig) -> None:
     known = set(known_keys())
     for key in known_keys(cfg):
         if key not in known:
-            raise ConfigError(f"{key}: unknown key; known keys: {', '.join(sorted(known))}")
+            raise ConfigError(f"{key}: unknown key; {_suggest(key, known)}")
 
 
 def _override_for(key: str, job: list[str]) -> str:
@@ -159,6 +159,32 @@ def _override_for(key: str, job: list[str]) -> str:
         if override.lstrip("+~").split("=", 1)[0] == key:
             return ov.display(override.lstrip("+~"))
     return key
+
+
+PRESET_GROUPS = ("study", "arch")  # groups outside the defaults list: chosen with +study=..., +arch=...
+
+
+def sweeper_keys() -> list[str]:
+    """hydra.sweeper.* of the grid sweeper and of hydra/sweeper=optuna, as their config files declare them."""
+    import yaml
+
+    keys: set[str] = set()
+    for name in ("fashioncnn", "optuna"):
+        node = yaml.safe_load(sources.builtin_root().joinpath(f"hydra/sweeper/{name}.yaml").read_text()) or {}
+        keys |= {f"hydra.sweeper.{key}" for key in node if not key.startswith("_") and key not in ("defaults", "jobs", "search")}
+    return sorted(keys)
+
+
+def _suggest(key: str, known: Sequence[str], all_of: str = "", prefix: str = "") -> str:
+    """The known keys closest to a mistyped one (epoch -> epochs), or where to see them all (or, given `all_of`, them)."""
+    import difflib
+
+    leaf = {k.rsplit(".", 1)[-1]: k for k in known}  # lr -> optim.lr: a key given without its node
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6) or [leaf[k] for k in difflib.get_close_matches(
+        key.rsplit(".", 1)[-1], list(leaf), n=3, cutoff=0.75)]
+    if close:
+        return f"did you mean {' or '.join(prefix + k for k in close)}?"
+    return f"{all_of}{', '.join(known)}" if all_of else "every key: python -m fashioncnn --cfg job"
 
 
 def explain(error: Exception, job: list[str]) -> str:
@@ -172,9 +198,19 @@ def explain(error: Exception, job: list[str]) -> str:
         available = ov.sort_options(error.options)
         return f"{group}={option}: no option '{option}' in config group '{group}'; available: {', '.join(available)}{hint}"
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
-        return f"{_override_for(cause.full_key, job)}: unknown key '{cause.full_key}'; known keys: {', '.join(known_keys())}"
+        key = cause.full_key
+        if key.startswith("hydra.sweeper."):  # the sweeper's own keys, not the job's
+            leaves = [k.removeprefix("hydra.sweeper.") for k in sweeper_keys()]
+            hint = _suggest(key.removeprefix("hydra.sweeper."), leaves, "the sweepers take: ", prefix="hydra.sweeper.")
+            return f"{_override_for(key, job)}: unknown key '{key}'; {hint}"
+        return f"{_override_for(key, job)}: unknown key '{key}'; {_suggest(key, known_keys())}"
     if isinstance(cause, ValidationError) and cause.full_key:
         return f"{_override_for(cause.full_key, job)}: {str(cause.msg).splitlines()[0]}"
+    if isinstance(error, ConfigCompositionException) and "No match in the defaults list" in str(error):
+        group = str(error).split("Could not override '", 1)[-1].split("'", 1)[0]
+        typed = next((ov.display(o) for o in job if o.split("=", 1)[0] == group), group)
+        return (f"{typed}: {group} is not chosen by default, so it is added with a +: +{typed}" if group in PRESET_GROUPS
+                else str(error).splitlines()[0])
     if isinstance(error, ConfigCompositionException) and "Ambiguous value" in str(error):
         argument = ov.display(str(error).split("argument '", 1)[1].split("'\n", 1)[0])
         return f"{argument}: several values sweep only in multirun mode: python -m fashioncnn -m {argument}"

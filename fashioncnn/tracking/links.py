@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-from fashioncnn.tracking.secrets import without_credentials
+from fashioncnn.tracking.secrets import mask_secrets, without_credentials
 
 UI_URL_ENV = "FASHIONCNN_UI_URL"
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
@@ -36,6 +36,18 @@ def ui_base_for(tracking_uri: str | None) -> str:
     if os.environ.get(UI_URL_ENV) or parts.scheme not in ("http", "https"):
         return ui_base()
     return without_credentials(tracking_uri or "")
+
+
+def ui_hint(tracking_uri: str) -> str:
+    """How to open the UI on the store in use: `make ui` serves ./mlruns, any other local store needs its URI; a
+    tracking server is its own UI (its links say where)."""
+    from fashioncnn.tracking.stores import default_tracking_uri
+
+    if urlsplit(tracking_uri).scheme in ("http", "https"):
+        return ""
+    if tracking_uri == default_tracking_uri():
+        return "start the UI with: make ui"
+    return f"start the UI with: mlflow ui --backend-store-uri {mask_secrets(tracking_uri)}"
 
 
 def experiments_url(base: str) -> str:
@@ -92,7 +104,8 @@ def latest_sweep_url(tracking_uri: str, base: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fashioncnn.links", description="Print the MLflow UI link to the latest sweep's runs.")
+    parser = argparse.ArgumentParser(prog="python -m fashioncnn.links", description="Print the MLflow UI link to the latest sweep's runs.",
+                                     epilog="example: python -m fashioncnn.links --tracking-uri http://127.0.0.1:5000")
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else the local store in ./mlruns")
     parser.add_argument("--base", help="the UI's address; default: the tracking server for an http(s) URI, "
                                        f"else ${UI_URL_ENV}, else {DEFAULT_UI_URL}")

@@ -114,6 +114,9 @@ def _with_parents(client: MlflowClient, description: str, runs: Iterable[Run], p
 
 def select(client: MlflowClient, source: str) -> Selection:
     """The runs an experiment name, a sweep id or a run id stands for (ResultsError when none matches)."""
+    if not source.strip():
+        raise ResultsError("an empty name: give an experiment name, a sweep id or a run id (python -m fashioncnn.links "
+                           "shows the latest sweep's)")
     experiment = client.get_experiment_by_name(source)
     if experiment is not None:
         return _with_parents(client, f"experiment {source}", search_all(client, [experiment.experiment_id]), {})
