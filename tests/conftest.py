@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -66,13 +67,16 @@ def free_port() -> int:
 
 def start_server(args, folder):
     """`python -m fashioncnn.server ARGS`; returns the process once it has announced its URL."""
-    server = subprocess.Popen([sys.executable, "-m", "fashioncnn.server", "--dir", str(folder), *args],
+    # Two workers: the tests' requests are few, and each worker loads MLflow on the suite's two cores.
+    server = subprocess.Popen([sys.executable, "-m", "fashioncnn.server", "--dir", str(folder), "--workers", "2", *args],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output = []
     while not output or not output[-1].startswith("MLflow tracking server:"):
         line = server.stdout.readline()
         assert line, "server exited:\n" + "".join(output)
         output.append(line)
+    # Keep reading: the server logs every request, and a pipe nobody reads fills and stops its workers mid-write.
+    threading.Thread(target=lambda: output.extend(server.stdout), daemon=True).start()
     return server, output
 
 

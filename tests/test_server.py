@@ -232,6 +232,9 @@ def test_several_sweeps_at_once_land_every_epoch_exactly_once(postgres_server, t
             for key in ("train_loss", "val_acc", "test_acc"):
                 steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
                 assert sorted(steps) == [1, 2, 3], (run.info.run_id, key, steps)  # each epoch once: none lost, none twice
+    started = time.monotonic()
+    assert urllib.request.urlopen(f"{postgres_server}/health", timeout=10).status == 200  # still answering after the load
+    assert time.monotonic() - started < 5
 
 
 FILL = """

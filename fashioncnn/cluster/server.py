@@ -30,6 +30,9 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from fashioncnn.cluster.postgres import SERVER_FILE, close_folder, secret, start_postgres, wait_for_port
@@ -77,8 +80,6 @@ def add_user(argv: list[str]) -> int:
     """`python -m fashioncnn.server user add NAME`: a teammate's account on a running --auth server, through MLflow's
     REST API as its admin; the password is generated and shown once."""
     import configparser
-    import urllib.error
-    import urllib.request
 
     parser = argparse.ArgumentParser(prog="python -m fashioncnn.server user add",
                                      description="Create a user of a running server started with --auth; prints the password once.",
@@ -115,16 +116,21 @@ def add_user(argv: list[str]) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fashioncnn.server", description=__doc__.split("\n\n")[0],
-                                     epilog="Users (with --auth): python -m fashioncnn.server user add NAME --dir DIR. "
-                                            "Backup: python -m fashioncnn.server backup FILE --dir DIR; restore: "
-                                            "python -m fashioncnn.server restore FILE --dir NEWDIR")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="example: python -m fashioncnn.server --backend postgres --dir server --auth\n"
+                                            "         (then: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000)\n\n"
+                                            "users (with --auth): python -m fashioncnn.server user add NAME --dir DIR\n"
+                                            "backup:  python -m fashioncnn.server backup FILE --dir DIR   (while it runs)\n"
+                                            "restore: python -m fashioncnn.server restore FILE --dir NEWDIR")
     parser.add_argument("--backend", choices=["postgres", "sqlite"], default="postgres")
     parser.add_argument("--backend-uri", help="an existing database instead (e.g. postgresql://user:pass@db/mlflow)")
     parser.add_argument("--dir", type=Path, default=Path("server"), help="database and artifacts live here (default ./server)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--postgres-port", type=int, default=5433)
-    parser.add_argument("--auth", action="store_true", help="MLflow's basic authentication (admin user: see README)")
+    parser.add_argument("--workers", type=int, default=4,
+                        help="server processes answering requests (default 4, MLflow's; each holds about 250 MB)")
+    parser.add_argument("--auth", action="store_true", help="MLflow's basic authentication (admin user and password: docs/team.md)")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="serve an address other than loopback without --auth: anyone who reaches it can read, write and delete")
     return parser
@@ -165,18 +171,40 @@ def main(argv: list[str] | None = None) -> int:
 
 def _mlflow_command(args: argparse.Namespace, backend: str, folder: Path) -> list[str]:
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
-               str(folder / "artifacts"), "--host", args.host, "--port", str(args.port), *_web_security(args.host, args.port)]
+               str(folder / "artifacts"), "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
+               *_web_security(args.host, args.port)]
     return command + (["--app-name", "basic-auth"] if args.auth else [])
 
 
 def _environment(args: argparse.Namespace, folder: Path) -> dict[str, str]:
     environment = dict(os.environ)
+    # MLflow's job runner (GenAI scorers, prompt optimisation) starts seven worker processes that import
+    # MLflow: 1.5 GB and 15 s of CPU at start that a team's sweeps never use. A team that wants them sets it.
+    environment.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     if args.auth:
         # The auth app's CSRF protection needs a key that survives restarts: made once, kept private in DIR.
         if "MLFLOW_FLASK_SERVER_SECRET_KEY" not in environment:
             environment["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secret(folder / "flask_secret_key")
         environment.setdefault("MLFLOW_AUTH_CONFIG_PATH", str(_auth_config(folder)))
     return environment
+
+
+def _wait_for_answer(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
+    """The port opens before MLflow's workers have loaded: the URL is announced once a worker answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            return
+        except urllib.error.HTTPError:  # an answer all the same (401 under --auth)
+            return
+        except OSError:
+            pass
+        if server.poll() is not None:
+            sys.exit(f"error: mlflow server exited with code {server.returncode}")
+        if time.monotonic() > deadline:
+            sys.exit(f"error: mlflow server did not answer {url} within {timeout:.0f} s")
+        time.sleep(0.3)
 
 
 def _serve(args: argparse.Namespace, server: subprocess.Popen, children: list[subprocess.Popen], backend: str, folder: Path) -> int:
@@ -191,9 +219,13 @@ def _serve(args: argparse.Namespace, server: subprocess.Popen, children: list[su
             except subprocess.TimeoutExpired:
                 child.kill()
 
-    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    # SIGTERM unwinds to the `finally` below: stopping from inside the handler would wait on children while the
+    # interrupted server.wait() holds their lock, and sit out the whole 30 s timeout.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        wait_for_port("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, args.port, server, "mlflow server")
+        reachable = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        wait_for_port(reachable, args.port, server, "mlflow server")
+        _wait_for_answer(f"http://{reachable}:{args.port}/health", server)
         print(f"MLflow tracking server: http://{args.host}:{args.port}  (backend {mask_secrets(backend)}, "
               f"artifacts {folder / 'artifacts'}); log to it with MLFLOW_TRACKING_URI=http://{args.host}:{args.port}", flush=True)
         return server.wait()
