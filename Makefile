@@ -12,7 +12,7 @@ SWEEP ?= conv=2,3 epochs=1
 
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv data postgres chromium slurm-packages slurm sweep test test-quick ui server server-sqlite bench clean study study-report
+.PHONY: venv data postgres chromium slurm-packages slurm sweep test test-quick ui server server-sqlite bench clean study study-report docs
 
 venv: $(STAMP)
 
@@ -98,19 +98,25 @@ test-quick: $(STAMP) data
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Prints the runs table of the latest sweep's experiment, in the UI's model-training view (fashioncnn/tracking/links.py).
+# MLflow's job runner (GenAI scorers) stays off unless asked: seven processes and 1.5 GB that a UI of sweeps never uses.
 ui: $(STAMP)
 	@mkdir -p $(STORE)
 	@url=$$($(BIN)/python -m fashioncnn.links --tracking-uri sqlite:///$(abspath $(STORE))/mlflow.db --base http://$(HOST):$(PORT)) && \
 		echo "MLflow UI: $$url  (store: $(abspath $(STORE))/mlflow.db, Ctrl-C to stop)"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(STORE))/mlflow.db \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(STORE))/mlflow.db \
 		--default-artifact-root $(abspath $(STORE))/artifacts --host $(HOST) --port $(PORT)
 
 clean:
-	rm -rf $(VENV) build *.egg-info outputs multirun
+	rm -rf $(VENV) build *.egg-info outputs multirun site
+
+# The documentation site (mkdocs.yml, docs/) into ./site, strictly: a broken link or reference fails the build.
+# The configuration reference and the benchmarks page are generated from the code (docs/hooks.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 # The speed benchmark: the naive reference loop (in a worker process of its own) against the package's
 # training path, alternating, for M2.2.32.32, M3.3.32.32 and M1.3.32.32 (a few minutes on 2 cores). Writes
-# benchmarks/results.json and redraws README.md's speed table. E.g. BENCH_ARGS="--full-epoch" or
+# benchmarks/results.json and redraws the speed table in benchmarks/README.md. E.g. BENCH_ARGS="--full-epoch" or
 # BENCH_ARGS="--threads 1 --out benchmarks/results-threads1.json".
 BENCH_ARGS ?=
 

@@ -35,7 +35,7 @@ FlopCounterMode) times images/s, as a fraction of the fp32 and bf16 matmul peaks
 run (square torch.mm with all cores, the best of repeats at the start and at the end).
 
 Writes benchmarks/results.json (--out) and redraws the table between the matching speed-table markers
-in README.md; `python benchmarks/bench.py --readme-only [--out FILE]` redraws it from an existing file.
+in benchmarks/README.md; `python benchmarks/bench.py --readme-only [--out FILE]` redraws it from an existing file.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ from fashioncnn.sweep.preflight import jobs_of
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results.json"
-README = REPO / "README.md"
+README = REPO / "benchmarks" / "README.md"  # the speed tables live beside the results files
 MODELS = ["M2.2.32.32", "M3.3.32.32", "M1.3.32.32"]
 BATCH = 64  # the study's batch size, for both loops
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
@@ -501,8 +501,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full-epoch", action="store_true", help="also measure one real package epoch per model")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's speed table")
-    parser.add_argument("--readme-only", action="store_true", help="only redraw README.md's table from --out")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the speed table in benchmarks/README.md")
+    parser.add_argument("--readme-only", action="store_true", help="only redraw benchmarks/README.md's table from --out")
     args = parser.parse_args(argv)
     if args.readme_only:
         write_readme(json.loads(args.out.read_text()), args.out)

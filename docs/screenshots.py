@@ -1,10 +1,14 @@
-"""Screenshots of the MLflow UI for the README, from a store with a sweep and a UI running on it:
-docs/ui-runs-table.png (the latest sweep's runs, best best_val_acc first) and docs/ui-parent-run.png
-(its parent run's page: the sweep's grid as its name, the leaderboard as its description). Run it
-again after anything changes what the UI shows.
+"""The pictures of the documentation, from a store with a sweep (and a UI running on it for the screenshots):
+- docs/ui-runs-table.png: the latest sweep's runs in the MLflow UI, best best_val_acc first;
+- docs/ui-parent-run.png: its parent run's page (the sweep's grid as its name, the leaderboard as its description);
+- docs/sweep-pareto.png, docs/sweep-importance.png: the parent run's pareto.png and importance.png artifacts,
+  copied from the store (a sweep has them once 3 of its runs learned);
+- docs/report-test-acc.png, docs/report-loss.png: the figures `python -m fashioncnn report SWEEP_ID` draws.
+Run it again after anything changes what the UI or the figures show.
 
-    make sweep && (make ui &)                 # or any store: make ui STORE=/tmp/store PORT=5001
+    make sweep SWEEP="conv=1,2,3 lin=2,3 subset=2000 epochs=2 model.filter_in=8" && (make ui &)
     .venv/bin/python docs/screenshots.py      # --tracking-uri URI --base http://127.0.0.1:5001 --out DIR
+    .venv/bin/python docs/screenshots.py --no-browser   # only the figures: no UI, no Chromium needed
 
 It drives headless Chromium (Debian's `chromium`; `make chromium` installs it) over the DevTools
 protocol, because the command line's --screenshot cannot click. Three clicks are needed: one closes the
@@ -129,7 +133,7 @@ async def shoot(chromium: str, base: str, experiment_id: str, sweep_id: str, par
                     await page.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
 
                     await page.open(sweep_url(base, experiment_id, sweep_id, METRIC))
-                    await page.wait_for_text("Run Name", *names)
+                    await page.wait_for_text("Run Name", *names[1:])  # the jobs, listed flat (the parent is not among them)
                     await page.close_assistant()
                     await page.click_button("Sort:")
                     await page.wait_for(f"document.querySelector('[data-testid=\"sort-select-{METRIC}\"]')", f"{METRIC} in the Sort menu")
@@ -151,15 +155,35 @@ async def shoot(chromium: str, base: str, experiment_id: str, sweep_id: str, par
             browser.wait(timeout=30)
 
 
+def copy_figures(client: MlflowClient, tracking_uri: str, parent, out: Path) -> None:
+    """The sweep's answers (its parent run's artifacts) and the report's per-epoch figures, as files in `out`."""
+    with tempfile.TemporaryDirectory() as folder:
+        for name in ("pareto.png", "importance.png"):
+            try:
+                local = client.download_artifacts(parent.info.run_id, name, folder)
+            except Exception:  # noqa: BLE001 - a sweep with fewer than 3 runs that learned has none
+                print(f"no {name} on the parent run {parent.info.run_id}: a sweep needs 3 runs that learned", file=sys.stderr)
+                continue
+            shutil.copyfile(local, out / f"sweep-{name}")
+            print(out / f"sweep-{name}")
+        report = Path(folder) / "report"
+        subprocess.run([sys.executable, "-m", "fashioncnn", "report", parent.data.tags["sweep_id"], "-o", str(report),
+                        "--tracking-uri", tracking_uri, "--no-artifacts"], check=True, stdout=subprocess.DEVNULL)
+        for name, target in (("test_acc.png", "report-test-acc.png"), ("loss.png", "report-loss.png")):
+            shutil.copyfile(report / name, out / target)
+            print(out / target)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
     parser.add_argument("--base", help="the running UI (default: as fashioncnn.tracking.links chooses, http://127.0.0.1:5000 for a local store)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument("--no-browser", action="store_true", help="only the figures from the store: no screenshots of the UI")
     args = parser.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        sys.exit("needs Chromium: make chromium (Debian's chromium package)")
+    if chromium is None and not args.no_browser:
+        sys.exit("needs Chromium: make chromium (Debian's chromium package), or --no-browser for the figures only")
     client = MlflowClient(args.tracking_uri)
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
     parents = client.search_runs(experiment_ids, f"tags.`{ROLE_TAG}` = 'parent'", order_by=["attributes.start_time DESC"], max_results=1)
@@ -168,8 +192,10 @@ def main() -> None:
     parent = parents[0]
     jobs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     names = [parent.info.run_name, *(job.info.run_name for job in jobs)]
-    base = (args.base or ui_base_for(args.tracking_uri)).rstrip("/")
-    asyncio.run(shoot(chromium, base, parent.info.experiment_id, parent.data.tags["sweep_id"], parent.info.run_id, names, args.out))
+    copy_figures(client, args.tracking_uri, parent, args.out)
+    if not args.no_browser:
+        base = (args.base or ui_base_for(args.tracking_uri)).rstrip("/")
+        asyncio.run(shoot(chromium, base, parent.info.experiment_id, parent.data.tags["sweep_id"], parent.info.run_id, names, args.out))
 
 
 if __name__ == "__main__":

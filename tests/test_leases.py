@@ -64,7 +64,7 @@ def test_an_epochs_checkpoint_is_stored_before_its_metrics_are_handed_on(tmp_pat
     assert torch.load(stored.path, weights_only=False)["history"][-1]["cut_short"] is False  # whole epochs
 
 
-def test_the_issues_lr_1e6_run_is_stopped_as_diverged():
+def test_a_run_at_lr_1e6_is_stopped_as_diverged():
     cfg = compose("model.filter_in=4", "model.filter_out=4", "epochs=3", "device=cpu", "optim.lr=1000000",
                   "divergence.warmup_images=0", "divergence.check_every=1")
     torch.manual_seed(cfg.seed)

@@ -301,7 +301,7 @@ def made_up_store(tmp_path):
                                      ("d", 0.95, "KILLED", {}), ("e", 0.97, "FINISHED", {"diverged": "true"}),
                                      ("f", 0.70, "FINISHED", {}), ("g", 0.75, "FINISHED", {})]:
         tags = {"model_name": name, "fashioncnn.role": "job", "mlflow.parentRunId": parent.info.run_id, **extra}
-        if name != "g":  # runs of the resilience issue carry both; g only its parent
+        if name != "g":  # job runs carry both; g, as a run made before sweep ids were tagged, only its parent
             tags["sweep_id"] = "s1"
         run = client.create_run(experiment, run_name=name, tags=tags)
         client.log_metric(run.info.run_id, "max_test_acc", acc)

@@ -129,7 +129,7 @@ def draw(result: Answer, path: Path, title: str) -> None:
             axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             axis.xaxis.set_minor_formatter(NullFormatter())
         if cost == "param_count":
-            axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+            axis.xaxis.set_major_formatter(FuncFormatter(_compact))  # 500k, 1M: full counts overlap on a log axis
         axis.set(xlabel=COSTS[cost], title=f"{result.metric_name} against {COSTS[cost]}")
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small", loc="best")
@@ -137,3 +137,10 @@ def draw(result: Answer, path: Path, title: str) -> None:
     figure.suptitle(f"Pareto front: {title}")
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
+
+
+def _compact(value: float, _: object = None) -> str:
+    """A parameter count as a tick label: 900, 20k, 1.2M."""
+    if value >= 1e6:
+        return f"{value / 1e6:g}M"
+    return f"{value / 1e3:g}k" if value >= 1e3 else f"{value:g}"

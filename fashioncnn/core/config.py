@@ -63,7 +63,7 @@ class ModelConfig:
 
 
 # The options of conf/optim, conf/schedule and conf/prune that ship with fashioncnn: name -> what it builds.
-# A team adds options of its own as files with a `_target_` and a new name (README, "Components").
+# A team adds options of its own as files with a `_target_` and a new name (docs/team.md, "Components of your own").
 BUILT_IN_TARGETS: dict[str, dict[str, str]] = {
     "optim": {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW", "sgd": "torch.optim.SGD"},
     "schedule": {name: f"fashioncnn.core.optimization.{name}" for name in ("constant", "onecycle", "cosine")},
@@ -178,7 +178,7 @@ def _not_learned(default: Any = None, factory: Any = None) -> Any:
 
 @dataclass
 class LeaseConfig:
-    """A training job's claim on its run: a `heartbeat` tag renewed while it trains (see README, "Leases")."""
+    """A training job's claim on its run: a `heartbeat` tag renewed while it trains (docs/sweeps.md, "Leases")."""
 
     heartbeat_seconds: float = 30.0  # how often the heartbeat tag is renewed
     seconds: float = 300.0  # a RUNNING run whose heartbeat is older than this is taken over (resumed or retrained)
@@ -186,7 +186,7 @@ class LeaseConfig:
 
 @dataclass
 class TrackingConfig:
-    """How a job's metrics, params and tags reach the store (see README, "Training outlives the tracking server")."""
+    """How a job's metrics, params and tags reach the store (docs/sweeps.md, "Training outlives the tracking server")."""
 
     max_queued: int = 10_000  # batches waiting for the store; training waits only when this many are queued
     retry_seconds: float = 5.0  # pause between delivery attempts while the store does not answer
@@ -225,10 +225,10 @@ class Config:
     # bf16 rounds differently enough to change results: a training choice, so outside `speed`. In the
     # fingerprint `auto` counts as what it means on the machine that plans the sweep.
     precision: Precision = Precision.auto
-    speed: SpeedConfig = _not_learned(factory=SpeedConfig)  # see README, "Speed"
-    # Sweeps that never lose work (see README, "Sweeps that never lose work").
+    speed: SpeedConfig = _not_learned(factory=SpeedConfig)  # docs/speed.md
+    # Sweeps that never lose work (docs/sweeps.md).
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
-    prune: PruneConfig = _not_learned(factory=PruneConfig)  # see README, "Pruning"
+    prune: PruneConfig = _not_learned(factory=PruneConfig)  # docs/search.md, "Pruning"
     force: bool = _not_learned(False)  # train even when a FINISHED run with the same effective config exists
     checkpoint_dir: str = _not_learned("mlruns/checkpoints")  # per-epoch checkpoints of unfinished runs
     keep_checkpoint: bool = _not_learned(False)  # log the final checkpoint as an artifact of its run

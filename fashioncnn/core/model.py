@@ -165,7 +165,8 @@ def describe(spec: ModelSpec) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m fashioncnn.model M<conv>.<lin>.<filter_in>.<filter_out> [...]  e.g. M2.3.32.64")
+        print("usage: python -m fashioncnn.model M<conv>.<lin>.<filter_in>.<filter_out> [...]\n\n"
+              "example: python -m fashioncnn.model M2.3.32.64 M3.2.16.32   (layers, shapes and parameter counts)")
         return 0 if argv else 2
     status = 0
     for name in argv:

@@ -626,7 +626,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fashioncnn.report",
         description="Tables (markdown, CSV) and figures (PNG) of sweeps, read from MLflow.",
-        epilog="KEY for --filter and --group-by: a param (optim.lr, model.conv, epochs, seed), a tag "
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python -m fashioncnn.report fashioncnn --group-by model.conv   (writes reports/fashioncnn/)\n\n"
+               "KEY for --filter and --group-by: a param (optim.lr, model.conv, epochs, seed), a tag\n"
                "(group.lr, model_name, diverged), experiment or status; prefix params./tags./metrics. when a name is both.")
     parser.add_argument("sources", nargs="+", metavar="SOURCE", help="experiment name, sweep id or parent run id")
     parser.add_argument("-o", "--output-dir", type=Path, help="where to write (default: reports/<source>)")

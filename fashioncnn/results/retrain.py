@@ -143,7 +143,8 @@ class GroupChoices:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fashioncnn.retrain",
-        description="Retrain the top-k finished runs of a sweep, each with its exact config plus new overrides, as one sweep.")
+        description="Retrain the top-k finished runs of a sweep, each with its exact config plus new overrides, as one sweep.",
+        epilog="example: python -m fashioncnn.retrain fashioncnn --top 3 epochs=30 seed=0,1,2 experiment=fashioncnn-30ep")
     parser.add_argument("source", metavar="SOURCE", help="experiment name, sweep id or parent run id")
     parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="e.g. epochs=30 lr=0.001 experiment=NAME")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help="what ranks the runs (default: %(default)s)")
