@@ -1,8 +1,8 @@
 """The pictures of the documentation, from a store with a sweep (and a UI running on it for the screenshots):
 - docs/ui-runs-table.png: the latest sweep's runs in the MLflow UI, best best_val_acc first;
 - docs/ui-parent-run.png: its parent run's page (the sweep's grid as its name, the leaderboard as its description);
-- docs/sweep-pareto.png, docs/sweep-importance.png: the parent run's pareto.png and importance.png artifacts,
-  copied from the store (a sweep has them once 3 of its runs learned);
+- docs/sweep-pareto.png, docs/sweep-importance.png: the Pareto front and what mattered, as the parent run carries them
+  (the report draws them again; a sweep has them once 3 of its runs learned);
 - docs/report-test-acc.png, docs/report-loss.png: the figures `python -m fashioncnn report SWEEP_ID` draws.
 Run it again after anything changes what the UI or the figures show.
 
@@ -156,20 +156,17 @@ async def shoot(chromium: str, base: str, experiment_id: str, sweep_id: str, par
 
 
 def copy_figures(client: MlflowClient, tracking_uri: str, parent, out: Path) -> None:
-    """The sweep's answers (its parent run's artifacts) and the report's per-epoch figures, as files in `out`."""
+    """The report's figures of the sweep, as files in `out`: its per-epoch curves, and the Pareto front and what
+    mattered (the same pictures the parent run carries, drawn by the code as it is now)."""
     with tempfile.TemporaryDirectory() as folder:
-        for name in ("pareto.png", "importance.png"):
-            try:
-                local = client.download_artifacts(parent.info.run_id, name, folder)
-            except Exception:  # noqa: BLE001 - a sweep with fewer than 3 runs that learned has none
-                print(f"no {name} on the parent run {parent.info.run_id}: a sweep needs 3 runs that learned", file=sys.stderr)
-                continue
-            shutil.copyfile(local, out / f"sweep-{name}")
-            print(out / f"sweep-{name}")
         report = Path(folder) / "report"
         subprocess.run([sys.executable, "-m", "fashioncnn", "report", parent.data.tags["sweep_id"], "-o", str(report),
                         "--tracking-uri", tracking_uri, "--no-artifacts"], check=True, stdout=subprocess.DEVNULL)
-        for name, target in (("test_acc.png", "report-test-acc.png"), ("loss.png", "report-loss.png")):
+        for name, target in (("test_acc.png", "report-test-acc.png"), ("loss.png", "report-loss.png"),
+                             ("pareto.png", "sweep-pareto.png"), ("importance.png", "sweep-importance.png")):
+            if not (report / name).exists():  # the answers need 3 runs that learned
+                print(f"no {name} in the report of sweep {parent.data.tags['sweep_id']}: it needs 3 runs that learned", file=sys.stderr)
+                continue
             shutil.copyfile(report / name, out / target)
             print(out / target)
 
