@@ -113,7 +113,9 @@ def test_an_installed_wheel_finds_its_configs_outside_the_repo(tmp_path):
     result = run_cli(["-m", "conv=2,3", "channels=16.32", "hydra/launcher=local_parallel", "--dry-run"], cwd=elsewhere,
                      env={"PYTHONPATH": str(tmp_path / "site")})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.splitlines()[:2] == ["#0 M2.2.16.32   conv=2 channels=16.32: train", "#1 M3.2.16.32   conv=3 channels=16.32: train"]
+    planned, *jobs = result.stdout.splitlines()[:3]
+    assert planned.startswith(f"planned against store sqlite:///{elsewhere}") and planned.endswith("launcher local_parallel"), planned
+    assert jobs == ["#0 M2.2.16.32   conv=2 channels=16.32: train", "#1 M3.2.16.32   conv=3 channels=16.32: train"]
     located = subprocess.run([sys.executable, "-c", "import fashioncnn.conf; print(fashioncnn.conf.__path__[0])"], cwd=elsewhere,
                              env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True)
     assert located.stdout.strip() == str(tmp_path / "site" / "fashioncnn" / "conf")
