@@ -54,7 +54,7 @@ slurm-packages:
 # A single-node SLURM cluster on 127.0.0.1 (config, state and logs in ./slurm), in the foreground until
 # Ctrl-C. It prints the `export SLURM_CONF=...` that sbatch, squeue and the submitit launcher need.
 slurm: $(STAMP) slurm-packages data
-	$(BIN)/python -m fashioncnn.slurm_cluster --dir slurm
+	$(BIN)/python -m fashioncnn.slurm --dir slurm
 
 # A shared MLflow tracking server on $(HOST):$(PORT): PostgreSQL (make server) or sqlite (make server-sqlite),
 # database and artifacts in ./server. Add AUTH=--auth for MLflow's basic authentication.
@@ -66,7 +66,6 @@ server-sqlite: $(STAMP)
 
 sweep: $(STAMP) data
 	$(BIN)/python -m fashioncnn -m $(SWEEP)
-	@echo "Runs are in ./$(STORE). See them: make ui"
 
 # The study (docs/study.md): each step's preset (conf/study/) in the study's order, then the reports.
 # STUDY_ARGS goes to every step, e.g. make study STUDY_ARGS="subset=2000 epochs=1" for a quick pass.

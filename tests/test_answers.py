@@ -69,6 +69,17 @@ def test_the_front_holds_the_configurations_nothing_beats_and_names_the_cheapest
     check_png(tmp_path / "pareto.png")
 
 
+def test_runs_on_every_image_and_on_a_subset_are_told_apart(tmp_path):
+    """subset=None (every image) is a value like any other: two sweeps in one experiment, on all the data and on
+    a subset, are not the same configurations on the front."""
+    configs = [("M2.2.32.32", {"model.conv": 2, "subset": subset}, {"conv": "2"}, 679_466, seconds, [value])
+               for subset, seconds, value in ((None, 100.0, 0.90), (1000, 1.0, 0.60))]
+    configs.append(("M3.2.32.32", {"model.conv": 3, "subset": None}, {"conv": "3"}, 20_000, 80.0, [0.85]))
+    points = points_of(made_up_sweep(tmp_path, configs), "best_val_acc")
+    assert [p.label for p in points] == ["M2.2.32.32 subset=None", "M3.2.32.32 subset=None", "M2.2.32.32 subset=1000"]
+    assert [p.swept["subset"] for p in points] == [None, None, 1000]
+
+
 def test_a_loss_is_better_lower_on_the_front_too(tmp_path):
     configs = [(m, p, g, c, s, [1 - v[0]]) for m, p, g, c, s, v in STUDY_LIKE]
     runs = made_up_sweep(tmp_path, configs)

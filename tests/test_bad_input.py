@@ -2,9 +2,13 @@
 
 import gzip
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
-from conftest import run_cli, write_idx
+from conftest import free_port, run_cli, write_idx
+from PIL import Image
 
 from fashioncnn.core.data import DEBIAN_DIR, DataDamagedError, read_idx
 from fashioncnn.core.loop import DivergenceGuard
@@ -149,3 +153,20 @@ def test_a_sqlite_servers_backup_restores_its_store_and_never_over_a_server_fold
     assert copy.read_text() == "weights" and restored.stat().st_mode & 0o077 == 0
     assert json.loads((restored / "server.json").read_text())["backend"] == "sqlite"
     assert json.loads(backup.tarfile.open(archive).extractfile("manifest.json").read())["format"] == backup.FORMAT
+
+
+def test_the_companion_commands_against_a_server_that_does_not_answer_say_so_at_once(tmp_path):
+    """MLflow's client retries a dead server for about 4 minutes; the commands ask once, briefly, and say what to do."""
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    Image.new("L", (28, 28)).save(tmp_path / "shirt.png")
+    commands = [["links"], ["register", "fashioncnn"], ["report", "fashioncnn"], ["retrain", "fashioncnn"],
+                ["predict", "models:/fashioncnn@champion", "shirt.png"]]
+    started = time.monotonic()
+    running = [subprocess.Popen([sys.executable, "-m", "fashioncnn", *command, "--tracking-uri", uri], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in commands]
+    for command, process in zip(commands, running):
+        stdout, stderr = process.communicate(timeout=120)
+        line = one_error_line(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+        assert line == (f"error: tracking server {uri}: no answer within 5 s ([Errno 111] Connection refused); start it "
+                        "(make server), or name another store with --tracking-uri or MLFLOW_TRACKING_URI"), command
+    assert time.monotonic() - started < 60

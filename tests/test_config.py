@@ -115,3 +115,13 @@ def test_the_closing_ui_hint_names_the_store_in_use(tmp_path):
     assert ui_hint(default_tracking_uri()) == "start the UI with: make ui"
     assert ui_hint(f"sqlite:///{tmp_path}/team.db") == f"start the UI with: mlflow ui --backend-store-uri sqlite:///{tmp_path}/team.db"
     assert ui_hint("http://alice:secret@127.0.0.1:5000") == ""  # a server is its own UI: the run's link says where
+
+
+def test_a_local_store_keeps_its_artifacts_beside_its_database(tmp_path, monkeypatch):
+    from fashioncnn.tracking.stores import Store
+
+    monkeypatch.chdir(tmp_path)  # MLflow's own default would be ./mlruns here, whatever the store
+    store = Store(f"sqlite:///{tmp_path / 'team' / 'other.db'}")
+    experiment_id = store.experiment_id("elsewhere", create=True)
+    assert store.client.get_experiment(experiment_id).artifact_location == (tmp_path / "team" / "artifacts").as_uri()
+    assert not (tmp_path / "mlruns").exists()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,6 +30,7 @@ def test_no_function_of_the_package_is_over_60_lines():
     assert not long, long
 
 
+@pytest.mark.slow  # a dozen processes that each load the package
 def test_the_console_script_runs_the_sweep_and_every_companion_command(tmp_path):
     script = Path(sys.executable).parent / "fashioncnn"
     shown = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -49,3 +52,6 @@ def test_the_console_script_runs_the_sweep_and_every_companion_command(tmp_path)
     # The companion commands' python -m doors answer as before.
     door = subprocess.run([sys.executable, "-m", "fashioncnn.model", "M2.3.32.64"], cwd=tmp_path, capture_output=True, text=True)
     assert door.returncode == 0 and door.stdout == described.stdout
+    import importlib.util
+
+    assert [c for c in COMMANDS if importlib.util.find_spec(f"fashioncnn.{c}") is None] == []  # --help: python -m fashioncnn.COMMAND

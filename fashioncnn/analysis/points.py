@@ -83,9 +83,10 @@ def swept_keys(points: list[Point]) -> dict[str, list[object]]:
     found = {g: values for g, values in found.items() if varying(values)}
     learned_keys = set().union(*(p.keys() for p in params)) if params else set()
     for key in sorted(learned_keys):
-        values = [param_value(p.get(key)) for p in params]
-        if key in ("seed", "param_count") or key.endswith("._target_") or not varying(values):
-            continue
+        logged = [p.get(key) for p in params]
+        if key in ("seed", "param_count") or key.endswith("._target_") or None in logged or len(set(logged)) < 2:
+            continue  # not swept, or not logged by every run; a value logged as None counts (subset=None: every image)
+        values = [param_value(text) for text in logged]
         if any(_fixed_by(group_values, values) for group_values in found.values()):
             continue  # model.filter_in follows channels; optim.lr follows lr
         found[key] = values

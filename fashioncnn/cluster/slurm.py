@@ -1,6 +1,6 @@
 """A single-node SLURM cluster on 127.0.0.1, to try the cluster path (`hydra/launcher=submitit_slurm`) on one machine.
 
-    python -m fashioncnn.slurm_cluster --dir slurm        (what `make slurm` runs)
+    python -m fashioncnn.slurm --dir slurm        (what `make slurm` runs)
 
 installs Debian's `slurmctld`, `slurmd` and `munge` when missing (as root, or with sudo), writes a
 minimal slurm.conf into DIR (one node, `localhost`, with this machine's CPUs and memory, in a partition
@@ -242,8 +242,8 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fashioncnn.slurm_cluster", description=__doc__.split("\n\n")[0],
-                                     epilog="example: python -m fashioncnn.slurm_cluster --dir slurm   (then, in another shell: "
+    parser = argparse.ArgumentParser(prog="python -m fashioncnn.slurm", description=__doc__.split("\n\n")[0],
+                                     epilog="example: python -m fashioncnn.slurm --dir slurm   (then, in another shell: "
                                             "export SLURM_CONF=$PWD/slurm/slurm.conf; python -m fashioncnn -m "
                                             "hydra/launcher=submitit_slurm hydra.launcher.partition=debug conv=2,3)")
     parser.add_argument("--dir", type=Path, default=Path("slurm"), help="config, state, logs and munge key (default ./slurm)")

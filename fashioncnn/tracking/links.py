@@ -110,9 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", help="the UI's address; default: the tracking server for an http(s) URI, "
                                        f"else ${UI_URL_ENV}, else {DEFAULT_UI_URL}")
     args = parser.parse_args(argv)
-    from fashioncnn.tracking.stores import resolve_tracking_uri
+    from fashioncnn.tracking.stores import Store, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(requested=args.tracking_uri)
+    store = Store(tracking_uri)
+    try:
+        store.check_reachable()  # MLflow's client would retry for minutes
+    except OSError as error:
+        parser.exit(2, f"error: {store.unanswered(error)}\n")
     print(latest_sweep_url(tracking_uri, (args.base or ui_base_for(tracking_uri)).rstrip("/")))
 
 

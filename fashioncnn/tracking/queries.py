@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from fashioncnn.core.config import learned_params, lower_is_better
 from fashioncnn.tracking.names import DIVERGED_TAG, PARENT_TAG, PRUNED_TAG, ROLE_TAG, SWEEP_TAG
 from fashioncnn.tracking.secrets import mask_secrets
-from fashioncnn.tracking.stores import resolve_tracking_uri, search_all, sqlite_path
+from fashioncnn.tracking.stores import Store, resolve_tracking_uri, search_all, sqlite_path
 
 # "auto": the metric the runs' own select_metric ranks by (best_val_acc by default; the study's runs and
 # runs from before validation splits: max_test_acc).
@@ -44,13 +44,19 @@ def mask(uri: str) -> str:
 def tracking_uri(requested: str | None = None) -> str:
     """--tracking-uri, then $MLFLOW_TRACKING_URI, then ./mlruns/mlflow.db (fashioncnn.tracking.stores' default store).
 
-    A local sqlite store that does not exist is an error here: MLflow would create an empty one.
+    A local sqlite store that does not exist is an error here: MLflow would create an empty one. So is a
+    tracking server that does not answer within seconds: MLflow's client would retry for minutes.
     """
     uri = resolve_tracking_uri(requested=requested)
     path = sqlite_path(uri)
     if path is not None and not path.exists():
         raise ResultsError(f"no MLflow store at {path}: run a sweep first, or name the store "
                            "with --tracking-uri or MLFLOW_TRACKING_URI")
+    store = Store(uri)
+    try:
+        store.check_reachable()
+    except OSError as error:
+        raise ResultsError(store.unanswered(error)) from error
     return uri
 
 

@@ -88,6 +88,11 @@ class Store:
             reason = getattr(error, "reason", error)
             raise OSError(f"no answer within {timeout:g} s ({reason})") from error
 
+    def unanswered(self, error: OSError) -> str:
+        """What a companion command says when check_reachable failed."""
+        return (f"tracking server {mask_secrets(self.uri)}: {error}; start it (make server), or name another store "
+                "with --tracking-uri or MLFLOW_TRACKING_URI")
+
     def experiment_id(self, name: str, create: bool = False) -> str | None:
         """The experiment's id; with `create`, the store and experiment are made when missing."""
         from mlflow.exceptions import MlflowException
@@ -96,15 +101,16 @@ class Store:
             return self._experiment_ids[name]
         if not create and not self.exists():
             return None
-        if create and self.uri == default_tracking_uri():
-            DEFAULT_STORE_DIR.mkdir(exist_ok=True)
+        path = sqlite_path(self.uri)
+        if create and path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         found = self.client.get_experiment_by_name(name)
         if found is None and not create:
             return None
         if found is None:
-            artifact_location = None
-            if self.uri == default_tracking_uri():
-                artifact_location = (DEFAULT_STORE_DIR / "artifacts").resolve().as_uri()
+            # Beside a local store's database (./mlruns/artifacts for the default one): MLflow's own default
+            # is ./mlruns under whatever folder the command runs in, shared by every store used from there.
+            artifact_location = None if path is None else (path.parent / "artifacts").resolve().as_uri()
             try:
                 self._experiment_ids[name] = self.client.create_experiment(name, artifact_location=artifact_location)
             except MlflowException:

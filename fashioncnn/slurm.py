@@ -1,4 +1,4 @@
-"""`python -m fashioncnn.slurm_cluster`: the same as `fashioncnn slurm` (fashioncnn.cluster.slurm)."""
+"""`python -m fashioncnn.slurm`: the same as `fashioncnn slurm` (fashioncnn.cluster.slurm)."""
 
 import sys
 
