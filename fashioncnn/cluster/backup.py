@@ -36,6 +36,8 @@ class BackupError(Exception):
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(message)
         self.code = code
+
+
 AUTH_FILES = ("basic_auth.ini", "flask_secret_key")
 
 

@@ -35,8 +35,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from fashioncnn.cluster.postgres import SERVER_FILE, close_folder, secret, start_postgres, wait_for_port
+from fashioncnn.cluster.postgres import SERVER_FILE, close_folder, secret, start_postgres
 from fashioncnn.tracking.secrets import mask_secrets
+from fashioncnn.tracking.stores import Store
 
 
 def _auth_config(folder: Path) -> Path:
@@ -190,13 +191,12 @@ def _environment(args: argparse.Namespace, folder: Path) -> dict[str, str]:
 
 
 def _wait_for_answer(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
-    """The port opens before MLflow's workers have loaded: the URL is announced once a worker answers."""
+    """The port opens before MLflow's workers have loaded: the URL is announced once a worker answers, as a
+    client would ask (tracking.stores: /health, and a refusal such as 401 under --auth is an answer too)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            urllib.request.urlopen(url, timeout=5).close()
-            return
-        except urllib.error.HTTPError:  # an answer all the same (401 under --auth)
+            Store(url).check_reachable()
             return
         except OSError:
             pass
@@ -224,8 +224,7 @@ def _serve(args: argparse.Namespace, server: subprocess.Popen, children: list[su
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         reachable = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        wait_for_port(reachable, args.port, server, "mlflow server")
-        _wait_for_answer(f"http://{reachable}:{args.port}/health", server)
+        _wait_for_answer(f"http://{reachable}:{args.port}", server)
         print(f"MLflow tracking server: http://{args.host}:{args.port}  (backend {mask_secrets(backend)}, "
               f"artifacts {folder / 'artifacts'}); log to it with MLFLOW_TRACKING_URI=http://{args.host}:{args.port}", flush=True)
         return server.wait()
